@@ -1,0 +1,207 @@
+#!/usr/bin/env bash
+# Build deploy/Dockerfile with podman against a locally made Debian/Python 3.11 base image and
+# smoke-test the image the way an orchestrator runs it: read-only root filesystem with a tmpfs
+# /tmp, all capabilities dropped, port published on 127.0.0.1 only.
+#
+# Checks: GET /convert?angle=180 returns exactly {"convertedAngle": 3.141592653589793}; the
+# image's HEALTHCHECK passes; the process is not root; KGPOOL_* environment variables reach
+# `kgpool serve`; dumb-init is PID 1 with kgpool and its kernels below it; SIGTERM drains and
+# exits 0, and no process of the container outlives it. The container is always removed.
+#
+# For a root Debian bookworm machine with apt and PyPI but no image registry (CI here):
+#   bash deploy/container-smoke.sh
+# Env: WORK (/tmp/kgpool-ctr: podman storage, base rootfs, logs)  HOST_PORT (18931)
+#      IMAGE (localhost/kgpool:ci)  BASE_TAG (localhost/python-standin:3.11-bookworm)
+#      KERNELS (2)  STOP_TIMEOUT (45: seconds to wait for the drain, > --shutdown-timeout)
+# Background and measured costs: shared/reference/containers.md (same recipe as
+# shared/tools/container-smoke.sh).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."            # the build context is the repository root
+WORK=${WORK:-/tmp/kgpool-ctr}
+HOST_PORT=${HOST_PORT:-18931}
+IMAGE=${IMAGE:-localhost/kgpool:ci}
+BASE_TAG=${BASE_TAG:-localhost/python-standin:3.11-bookworm}
+KERNELS=${KERNELS:-2}
+STOP_TIMEOUT=${STOP_TIMEOUT:-45}
+EXPECTED='{"convertedAngle": 3.141592653589793}'
+mkdir -p "$WORK"
+
+t0=$(date +%s.%N); tprev=$t0
+step() {   # "== [total] (previous step) message"
+  local now; now=$(date +%s.%N)
+  awk -v n="$now" -v a="$t0" -v b="$tprev" -v m="$*" \
+    'BEGIN{printf "== [%6.1fs total, last step %5.1fs] %s\n", n-a, n-b, m}'
+  tprev=$now
+}
+fail() { echo "FAIL: $*" >&2; exit 1; }
+
+# GET a URL on 127.0.0.1; prints "STATUS BODY". No curl needed.
+http_get() {
+  python3 - "$1" <<'PY'
+import sys, urllib.request, urllib.error
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=5) as r:
+        print(r.status, r.read().decode())
+except urllib.error.HTTPError as e:
+    print(e.code, e.read().decode())
+except Exception as e:
+    print(0, repr(e))
+PY
+}
+
+# ---- 1. tools (~20 s on a fresh machine). crun cannot run on this host (cgroup v1/v2
+#         hybrid), so runc is required.
+step "tools: podman runc debootstrap"
+if ! command -v podman >/dev/null || ! command -v runc >/dev/null \
+   || ! command -v debootstrap >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  # Another job may hold the dpkg lock for a while; wait for it instead of failing.
+  apt-get -o DPkg::Lock::Timeout=300 update -q >/dev/null
+  apt-get -o DPkg::Lock::Timeout=300 install -y -q podman runc debootstrap >/dev/null
+fi
+podman --version
+
+# ---- 2. engine config outside /etc: runc, and ulimits within the hard limits (no
+#         CAP_SYS_RESOURCE here, so podman's default nofile/nproc=1048576 is refused).
+nofile=$(ulimit -Hn); nproc=$(ulimit -Hu)
+if [ "$nofile" = unlimited ] || [ "$nofile" -gt 1048576 ]; then nofile=1048576; fi
+if [ "$nproc" = unlimited ] || [ "$nproc" -gt 32768 ]; then nproc=32768; fi
+export CONTAINERS_CONF="$WORK/containers.conf"
+cat > "$CONTAINERS_CONF" <<CONF
+[containers]
+default_ulimits = ["nofile=${nofile}:${nofile}", "nproc=${nproc}:${nproc}"]
+[engine]
+runtime = "runc"
+CONF
+export CONTAINERS_STORAGE_CONF="$WORK/storage.conf"
+cat > "$CONTAINERS_STORAGE_CONF" <<CONF
+[storage]
+driver = "overlay"
+graphroot = "$WORK/storage"
+runroot = "$WORK/run"
+CONF
+
+# ---- 3. base image (~60 s, once per machine): Debian bookworm minbase + python3 3.11 + venv,
+#         standing in for python:3.11-slim. The host's extra CA certificates go in because
+#         HTTPS may leave through a TLS-inspecting proxy; without them pip in the build fails.
+if ! podman image exists "$BASE_TAG"; then
+  step "base image: debootstrap -> $BASE_TAG"
+  mirror=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+  [ -n "$mirror" ] || mirror=$(awk '/^deb /{print $2; exit}' /etc/apt/sources.list)
+  rootfs="$WORK/rootfs"; rm -rf "$rootfs"
+  debootstrap --variant=minbase --include=ca-certificates,python3,python3-venv \
+      bookworm "$rootfs" "$mirror" > "$WORK/debootstrap.log" 2>&1 \
+    || { tail -20 "$WORK/debootstrap.log"; fail "debootstrap"; }
+  if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+    cp /usr/local/share/ca-certificates/*.crt "$rootfs/usr/local/share/ca-certificates/"
+    chroot "$rootfs" update-ca-certificates >/dev/null
+  fi
+  rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/lib/apt/lists/*
+  tar -C "$rootfs" -c . | podman import -q -c 'ENV LANG=C.UTF-8' -c 'CMD ["python3"]' - "$BASE_TAG" >/dev/null
+  rm -rf "$rootfs"
+fi
+
+# ---- 4. build. --format docker keeps HEALTHCHECK (the OCI format drops it).
+step "build $IMAGE"
+podman build -q --format docker --build-arg BASE_IMAGE="$BASE_TAG" \
+    -f deploy/Dockerfile -t "$IMAGE" . > "$WORK/build.log" 2>&1 \
+  || { cat "$WORK/build.log"; fail "podman build"; }
+podman image inspect --format '{{.Id}} {{.Size}} bytes; healthcheck: {{.Config.Healthcheck.Test}}' "$IMAGE" \
+  | cut -c1-220
+[ -n "$(podman image inspect --format '{{.Config.Healthcheck}}' "$IMAGE")" ] || fail "image has no HEALTHCHECK"
+
+# ---- 5. run it the way Kubernetes would (readOnlyRootFilesystem + emptyDir /tmp, no caps).
+step "run (read-only rootfs, tmpfs /tmp, cap-drop ALL, KGPOOL_KERNELS=$KERNELS)"
+name="kgpool-smoke-$$"
+cid=""
+cleanup() {
+  if [ -n "$cid" ]; then podman rm -f -t 3 "$cid" >/dev/null 2>&1 || true; fi
+}
+trap cleanup EXIT
+python3 -c "import socket,sys; s=socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1])))" "$HOST_PORT" \
+  || fail "port 127.0.0.1:$HOST_PORT is taken; set HOST_PORT"
+# (podman prints harmless "unable to get systemd connection" errors: no systemd timers here)
+cid=$(podman run -d --name "$name" -p "127.0.0.1:${HOST_PORT}:8888" \
+        --read-only --read-only-tmpfs=false --tmpfs /tmp:rw,mode=1777,size=64m \
+        --cap-drop=ALL --security-opt=no-new-privileges \
+        -e KGPOOL_KERNELS="$KERNELS" -e KGPOOL_SHUTDOWN_TIMEOUT=30 -e KGPOOL_LOG_LEVEL=info \
+        "$IMAGE" 2>"$WORK/run.err") || { cat "$WORK/run.err"; fail "podman run"; }
+base="http://127.0.0.1:${HOST_PORT}"
+dump_logs() { echo "---- container logs"; podman logs "$cid" 2>&1 | tail -40 || true; }
+
+ok=0
+for _ in $(seq 1 120); do
+  read -r code _ < <(http_get "$base/healthz"); [ "$code" = 200 ] && { ok=1; break; }
+  sleep 0.25
+done
+[ "$ok" = 1 ] || { dump_logs; fail "/healthz did not answer 200 within 30 s"; }
+step "/healthz 200"
+
+ok=0
+for _ in $(seq 1 240); do
+  read -r code _ < <(http_get "$base/readyz"); [ "$code" = 200 ] && { ok=1; break; }
+  sleep 0.25
+done
+[ "$ok" = 1 ] || { dump_logs; fail "/readyz did not answer 200 within 60 s (kernels not warm)"; }
+step "/readyz 200 (kernels warm)"
+
+# ---- 6. the bundled notebook answers, byte for byte.
+read -r code body < <(http_get "$base/convert?angle=180")
+echo "GET /convert?angle=180 -> $code $body"
+[ "$code" = 200 ] || { dump_logs; fail "status $code"; }
+[ "$body" = "$EXPECTED" ] || fail "body: expected $EXPECTED"
+
+# KGPOOL_KERNELS came through the environment: the pool reports it.
+desired=$(http_get "$base/metrics" | awk '/^kgpool_kernels_desired /{print $2}')
+echo "kgpool_kernels_desired = $desired"
+[ "${desired%.0}" = "$KERNELS" ] || fail "KGPOOL_KERNELS=$KERNELS not honoured (metric says '$desired')"
+step "endpoint + env checks"
+
+# ---- 7. HEALTHCHECK (run by hand: no systemd, so podman schedules no timer) and the user.
+podman healthcheck run "$cid" 2>/dev/null || { dump_logs; fail "HEALTHCHECK unhealthy"; }
+echo "HEALTHCHECK: healthy"
+uid=$(podman exec "$cid" id -u)
+[ "$uid" != 0 ] || fail "container runs as root"
+echo "uid=$uid"
+
+# ---- 8. process tree: dumb-init is PID 1, kgpool its child, the kernels below kgpool.
+podman top "$cid" pid ppid user args > "$WORK/top.txt"
+cat "$WORK/top.txt"
+awk 'NR>1 && $1==1' "$WORK/top.txt" | grep -q dumb-init || fail "PID 1 is not dumb-init"
+nkern=$(grep -c ipykernel "$WORK/top.txt" || true)
+[ "$nkern" -ge "$KERNELS" ] || fail "expected $KERNELS kernel processes, saw $nkern"
+# Host PIDs of everything in the container, to prove none survives the stop.
+mapfile -t hpids < <(podman top "$cid" hpid | awk 'NR>1{print $1}')
+echo "host pids: ${hpids[*]}"
+# Nothing may be written outside /tmp (the root filesystem is read-only, so a write there
+# fails; make sure nothing complained about it).
+if podman logs "$cid" 2>&1 | grep -Ei 'read-only file system|permission denied'; then
+  fail "something tried to write outside /tmp"
+fi
+step "healthcheck, uid, process tree"
+
+# ---- 9. SIGTERM: graceful drain, exit code 0, nothing left behind.
+podman kill --signal TERM "$cid" >/dev/null
+ts=$(date +%s.%N)
+# podman wait has no timeout of its own here; bound it.
+code=$(timeout "$STOP_TIMEOUT" podman wait "$cid" 2>/dev/null || echo timeout)
+awk -v n="$(date +%s.%N)" -v a="$ts" -v c="$code" 'BEGIN{printf "SIGTERM -> exited in %.1fs with code %s\n", n-a, c}'
+podman logs "$cid" 2>&1 | tail -12
+[ "$code" != timeout ] || fail "still running ${STOP_TIMEOUT}s after SIGTERM"
+state=$(podman inspect --format '{{.State.Status}} {{.State.ExitCode}}' "$cid")
+echo "state: $state"
+[ "$state" = "exited 0" ] || fail "expected 'exited 0' after SIGTERM, got '$state'"
+left=""
+for p in "${hpids[@]}"; do
+  if [ -d "/proc/$p" ]; then left="$left $p:$(tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | cut -c1-60)"; fi
+done
+[ -z "$left" ] || fail "processes left behind:$left"
+echo "no container process left on the host"
+step "SIGTERM drain"
+
+# ---- 10. the image also runs the other CLI verbs (entrypoint does not force `serve`).
+routes=$(podman run --rm --read-only "$IMAGE" kgpool routes /app/notebooks/convert.ipynb 2>/dev/null)
+echo "$routes"
+grep -q '/convert' <<<"$routes" || fail "kgpool routes did not list /convert"
+step "PASS"
