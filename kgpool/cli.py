@@ -1,0 +1,205 @@
+"""Command line: flags and environment -> Settings, logging set-up, and running the server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from . import __version__
+from .config import Settings
+from .errors import ConfigError, InitError, NotebookError
+from .notebook import Notebook, load_notebook
+from .web import SERVICE, create_app
+
+log = logging.getLogger("kgpool")
+ENV_PREFIX = "KGPOOL_"
+
+
+def _env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _serve_parser(sub: Any) -> None:
+    serve = sub.add_parser(
+        "serve", help="serve a notebook's endpoints over HTTP",
+        description="Serve a notebook's annotated cells as HTTP endpoints from a pool of warm "
+                    "kernels. Every flag can also be set as KGPOOL_<FLAG> in the environment "
+                    "(e.g. KGPOOL_KERNELS=4); a flag on the command line wins.",
+    )
+    for f in dataclasses.fields(Settings):
+        meta = f.metadata
+        if meta.get("positional"):
+            serve.add_argument(f.name, nargs="?", metavar="NOTEBOOK",
+                               help=f"{meta['help']} [env {_env_name(f.name)}]")
+            continue
+        default = f" (default: {f.default})" if f.default != "" else ""
+        serve.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_kind(f),
+                           default=None, choices=meta.get("choices"),
+                           metavar=f.name.upper() if not meta.get("choices") else None,
+                           help=f"{meta['help']}{default} "
+                                f"[env {_env_name(f.name)}]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kgpool", description="Serve a Jupyter notebook as a REST API from warm kernels.")
+    parser.add_argument("--version", action="version", version=f"kgpool {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _serve_parser(sub)
+    routes = sub.add_parser("routes", help="list the endpoints a notebook defines and exit")
+    routes.add_argument("notebook", metavar="NOTEBOOK", help="the notebook (.ipynb)")
+    return parser
+
+
+def _kind(f: dataclasses.Field[Any]) -> type:
+    return {"int": int, "float": float}.get(str(f.type), str)
+
+
+def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+    """A flag wins over its KGPOOL_* variable, which wins over the default."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        value = getattr(args, f.name, None)
+        env = environ.get(_env_name(f.name))
+        if value is None and env not in (None, ""):
+            try:
+                value = _kind(f)(env)
+            except ValueError:
+                raise ConfigError(f"{_env_name(f.name)}={env!r} is not a valid "
+                                  f"{_kind(f).__name__}") from None
+        if value is not None:
+            values[f.name] = value
+    if not values.get("notebook"):
+        raise ConfigError("a NOTEBOOK argument (or KGPOOL_NOTEBOOK) is required")
+    values["notebook"] = Path(values["notebook"])
+    return Settings(**values)
+
+
+class JsonFormatter(logging.Formatter):
+    _std = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record), "level": record.levelname.lower(),
+                 "logger": record.name, "message": record.getMessage()}
+        entry.update({k: v for k, v in vars(record).items() if k not in self._std})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(fmt: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    if level != "debug":  # jupyter_client and asyncio chatter is debug material
+        for noisy in ("traitlets", "asyncio"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def print_routes(notebook: Notebook) -> None:
+    from .notebook import Router
+    print(f"{notebook.name}: language {notebook.language}, kernel {notebook.kernel_name}, "
+          f"{len(notebook.init_cells)} init cell(s)")
+    for route in Router(notebook.endpoints).routes:
+        for method, ep in route.endpoints.items():
+            info = f", ResponseInfo cells {list(ep.response_cells)}" if ep.response_cells else ""
+            print(f"{method:7} {ep.path:30} cells {list(ep.cells)}{info}")
+    for warning in notebook.warnings:
+        print(f"warning: {warning}")
+
+
+async def serve(settings: Settings, notebook: Notebook) -> int:
+    app = create_app(settings, notebook)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                           handler_cancellation=True, shutdown_timeout=2.0)
+    await runner.setup()
+    stop = asyncio.Event()
+    signals = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        log.info("received %s%s", signal.Signals(signum).name,
+                 "" if signals == 1 else " again: stopping now")
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    service = app[SERVICE]
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc)
+            return 1
+        log.info("listening on http://%s:%d, warming %d kernel(s) for %s", settings.host,
+                 settings.port, settings.kernels, settings.notebook)
+        warm = asyncio.ensure_future(service.warmed())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({warm, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if warm.done() and warm.exception() is not None:
+            exc = warm.exception()
+            log.error("start-up failed: %s", exc)
+            return 1
+        if not stop.is_set():
+            log.info("ready: %d kernel(s) warm; endpoints: %s", settings.kernels,
+                     ", ".join(f"{e.method} {e.path}" for e in notebook.endpoints))
+            await stop.wait()
+        warm.cancel()
+        log.info("draining: up to %gs for queued and running requests",
+                 settings.shutdown_timeout)
+        stopped_early = asyncio.ensure_future(_second_signal(lambda: signals))
+        drain = asyncio.ensure_future(service.drain(settings.shutdown_timeout))
+        await asyncio.wait({drain, stopped_early}, return_when=asyncio.FIRST_COMPLETED)
+        stopped_early.cancel()
+        if not (drain.done() and drain.result()):
+            drain.cancel()
+            log.warning("shutdown timeout passed with requests unfinished; stopping anyway")
+        return 0
+    finally:
+        await runner.cleanup()
+        log.info("stopped; all kernels shut down")
+
+
+async def _second_signal(count: Any) -> None:
+    while count() < 2:
+        await asyncio.sleep(0.1)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "routes":
+            print_routes(load_notebook(args.notebook))
+            return 0
+        settings = settings_from(args, os.environ)
+        configure_logging(settings.log_format, settings.log_level)
+        notebook = load_notebook(settings.notebook)
+        for warning in notebook.warnings:
+            log.warning("%s", warning)
+    except (NotebookError, ConfigError) as exc:
+        print(f"kgpool: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(serve(settings, notebook))
+    except InitError as exc:  # pragma: no cover - serve() reports it and returns 1
+        print(f"kgpool: error: {exc}", file=sys.stderr)
+        return 1

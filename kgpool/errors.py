@@ -1,0 +1,69 @@
+"""The exception tree shared by every layer; HTTP statuses are chosen only in web.py."""
+
+from __future__ import annotations
+
+
+class KgpoolError(Exception):
+    """Base of every error kgpool raises on purpose."""
+
+
+class NotebookError(KgpoolError):
+    """The notebook cannot be read or serves no endpoint."""
+
+
+class ConfigError(KgpoolError):
+    """A setting has a value kgpool cannot use."""
+
+
+class KernelError(KgpoolError):
+    """A kernel could not be started or talked to."""
+
+
+class KernelDied(KernelError):
+    """The kernel process exited while kgpool was waiting on it."""
+
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class ExecutionError(KgpoolError):
+    """Code sent to a kernel raised; carries the kernel's own error fields."""
+
+    def __init__(self, ename: str, evalue: str, traceback: list[str] | None = None) -> None:
+        super().__init__(f"{ename}: {evalue}")
+        self.ename = ename
+        self.evalue = evalue
+        self.traceback = traceback or []
+
+
+class InitError(KgpoolError):
+    """An init cell failed while a kernel was being warmed."""
+
+    def __init__(self, message: str, cell_index: int | None = None) -> None:
+        super().__init__(message)
+        self.cell_index = cell_index
+
+
+class ExecutionTimeout(KgpoolError, TimeoutError):
+    """A request's deadline passed, while queued or while running."""
+
+    def __init__(self, message: str, *, queued: bool) -> None:
+        super().__init__(message)
+        self.queued = queued
+
+
+class PoolClosed(KgpoolError):
+    """The pool is draining or closed and takes no new work."""
+
+
+class PoolUnavailable(KgpoolError):
+    """No warm kernel exists and replacements keep failing."""
+
+
+class QueueFull(KgpoolError):
+    """The bounded queue of waiting requests is full."""
+
+
+class ResponseInfoError(KgpoolError):
+    """A ResponseInfo cell produced something that is not a usable status/headers object."""

@@ -1,0 +1,210 @@
+"""NotebookService: a notebook and its pool, no HTTP. One deadline per request covers every phase."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq.asyncio
+
+from .config import Settings
+from .errors import (
+    ExecutionError, ExecutionTimeout, InitError, KernelDied, KernelError, ResponseInfoError,
+)
+from .kernel import Kernel
+from .metrics import Metrics
+from .notebook import Endpoint, Notebook, RequestData, bind_request, request_document
+from .pool import KernelPool, Lease, PoolStatus
+
+log = logging.getLogger(__name__)
+
+NO_BODY_STATUSES = frozenset({204, 304})
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": "text/plain"})
+    body: bytes = b""
+
+
+@dataclass
+class CallInfo:
+    """Filled in as a request goes through the service; the access log reads it."""
+
+    queue_wait: float = 0.0
+    slot: int | None = None
+    kernel_pid: int | None = None
+
+
+class NotebookService:
+    def __init__(self, notebook: Notebook, settings: Settings, metrics: Metrics) -> None:
+        self.notebook = notebook
+        self.settings = settings
+        self.metrics = metrics
+        self.kernel_name = settings.kernel_name or notebook.kernel_name
+        self._cwd = str(Path(settings.notebook).resolve().parent) if settings.notebook.name \
+            else None
+        self._context = zmq.asyncio.Context()
+        self._ipc_dir = tempfile.mkdtemp(prefix="kgpool-")
+        self.pool = KernelPool(self._make_kernel, settings.kernels,
+                               max_queue=settings.max_queue,
+                               max_requests=settings.max_requests,
+                               max_requests_jitter=settings.max_requests_jitter,
+                               listener=metrics)
+        metrics.watch_pool(self.pool.status)
+        self._warm: asyncio.Task[None] | None = None
+        self._runs: set[asyncio.Task[Reply]] = set()
+
+    # ----- life cycle ----------------------------------------------------------------------
+
+    def begin(self) -> None:
+        """Start warming the pool in the background; `warmed()` reports the outcome."""
+        self._warm = asyncio.create_task(self.pool.start(), name="kgpool-warm-up")
+
+    async def warmed(self) -> None:
+        assert self._warm is not None, "begin() first"
+        await asyncio.shield(self._warm)
+
+    @property
+    def ready(self) -> bool:
+        return self.pool.ready
+
+    def status(self) -> PoolStatus:
+        return self.pool.status()
+
+    async def drain(self, timeout: float) -> bool:
+        return await self.pool.drain(timeout)
+
+    async def close(self) -> None:
+        if self._warm is not None and not self._warm.done():
+            self._warm.cancel()
+        if self._warm is not None:
+            await asyncio.gather(self._warm, return_exceptions=True)
+        await self.pool.close()
+        self._context.destroy(linger=0)
+        shutil.rmtree(self._ipc_dir, ignore_errors=True)
+
+    async def _make_kernel(self, slot: int, on_death: Any) -> Kernel:
+        kernel = Kernel(self.kernel_name, context=self._context, label=f"slot {slot}",
+                        on_death=on_death, cwd=self._cwd, ipc_dir=self._ipc_dir)
+        cell = None
+        try:
+            async with asyncio.timeout(self.settings.init_timeout):
+                started = time.monotonic()
+                await kernel.start()
+                booted = time.monotonic()
+                for cell in self.notebook.init_cells:
+                    result = await kernel.execute(cell.source)
+                    if result.error is not None:
+                        raise InitError(
+                            f"init cell {cell.index} ({cell.first_line!r}) raised "
+                            f"{result.error.get('ename')}: {result.error.get('evalue')}",
+                            cell.index)
+                self.metrics.kernel_warmed(booted - started, time.monotonic() - booted)
+        except BaseException as exc:
+            await kernel.shutdown()
+            where = f" in init cell {cell.index} ({cell.first_line!r})" if cell else ""
+            if isinstance(exc, TimeoutError):
+                raise InitError(f"kernel not warm after {self.settings.init_timeout:g}s{where}",
+                                cell.index if cell else None) from None
+            if isinstance(exc, KernelDied):
+                raise InitError(f"kernel died{where} (exit code {exc.exit_code})",
+                                cell.index if cell else None) from None
+            if isinstance(exc, KernelError):
+                raise InitError(str(exc)) from None
+            raise
+        return kernel
+
+    # ----- requests ------------------------------------------------------------------------
+
+    async def call(self, endpoint: Endpoint, request: RequestData,
+                   info: CallInfo | None = None) -> Reply:
+        """Run an endpoint for one request within the request's deadline."""
+        info = info or CallInfo()
+        timeout = self.settings.request_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout if timeout else None
+        queued = loop.time()
+        try:
+            lease = await self.pool.acquire(deadline)
+        finally:
+            info.queue_wait = loop.time() - queued
+        info.slot, info.kernel_pid = lease.slot, lease.kernel.pid
+        code = bind_request(self.notebook.language, request_document(request)) + endpoint.source
+        # Once a kernel runs the cell, a client that goes away no longer cancels it: the
+        # cell finishes (within the deadline) and the kernel returns to the pool clean.
+        run = asyncio.create_task(self._run(lease, endpoint, code, deadline))
+        self._runs.add(run)
+        run.add_done_callback(self._runs.discard)
+        return await asyncio.shield(run)
+
+    async def _run(self, lease: Lease, endpoint: Endpoint, code: str,
+                   deadline: float | None) -> Reply:
+        outcome = "ok"
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout_at(deadline):
+                result = await lease.kernel.execute(code)
+                if result.error is not None:
+                    raise _execution_error(result.error)
+                reply = Reply(body=result.text.encode("utf-8", errors="replace"))
+                if endpoint.response_source is not None:
+                    info = await lease.kernel.execute(endpoint.response_source)
+                    if info.error is not None:
+                        raise _execution_error(info.error)
+                    _apply_response_info(reply, info.text)
+            if reply.status in NO_BODY_STATUSES:
+                reply.body = b""
+            return reply
+        except TimeoutError:
+            outcome = "timeout"
+            raise ExecutionTimeout(f"the request ran past its {self.settings.timeout:g}s deadline",
+                                   queued=False) from None
+        except KernelDied:
+            outcome = "crash"
+            raise
+        except BaseException:
+            outcome = "cancelled"
+            raise
+        finally:
+            self.pool.release(lease, outcome)
+            self.metrics.executed(endpoint.path, time.monotonic() - started)
+
+    async def close_runs(self) -> None:
+        await asyncio.gather(*self._runs, return_exceptions=True)
+
+
+def _execution_error(error: dict[str, Any]) -> ExecutionError:
+    return ExecutionError(str(error.get("ename", "Error")), str(error.get("evalue", "")),
+                          list(error.get("traceback", [])))
+
+
+def _apply_response_info(reply: Reply, text: str) -> None:
+    """A ResponseInfo cell prints {"status": int, "headers": {...}}; anything else is an error."""
+    try:
+        info = json.loads(text)
+    except ValueError:
+        raise ResponseInfoError(f"ResponseInfo printed no JSON object: {text[:200]!r}") from None
+    if not isinstance(info, dict):
+        raise ResponseInfoError("ResponseInfo must print a JSON object")
+    status = info.get("status", 200)
+    if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
+        raise ResponseInfoError(f"ResponseInfo status must be an integer 100..599, not {status!r}")
+    headers = info.get("headers", {})
+    if not isinstance(headers, dict):
+        raise ResponseInfoError("ResponseInfo headers must be a JSON object")
+    reply.status = status
+    for name, value in headers.items():
+        if any(ch in f"{name}{value}" for ch in "\r\n"):
+            raise ResponseInfoError(f"ResponseInfo header {name!r} contains a line break")
+        for existing in [k for k in reply.headers if k.lower() == str(name).lower()]:
+            del reply.headers[existing]
+        reply.headers[str(name)] = str(value)
