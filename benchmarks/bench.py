@@ -1,0 +1,386 @@
+"""kgpool vs Jupyter Kernel Gateway (notebook-http), side by side in one run.
+
+Phases: start-to-ready times, a sweep of kernels x concurrency driven by wrk (the two servers
+alternate inside every cell so machine noise hits both), and the raw jupyter_client floor.
+Writes results/latest.{md,png,json}.  Run through run.sh, which builds the virtualenvs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import procs
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+VENV_KG = HERE / ".venv-kg"
+VENV_BENCH = HERE / ".venv-bench"
+RESULTS = HERE / "results"
+LOGS = RESULTS / "logs"
+LUA = HERE / "check.lua"
+EXPECTED = '{"convertedAngle": 3.141592653589793}\n'
+PATH_Q = "/convert?angle=180"
+SERVERS = ("kgpool", "kg")
+LABEL = {"kgpool": "kgpool", "kg": "Kernel Gateway 3.0.1"}
+
+DEV_NOTEBOOK = {
+    "cells": [
+        {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
+         "source": ["import math\n", "import json"]},
+        {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
+         "source": ["# GET /convert\n", "req = json.loads(REQUEST)\n",
+                    "angle = req['args']['angle'][0]\n",
+                    "print(json.dumps({'convertedAngle': math.radians(float(angle))}))"]},
+    ],
+    "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+                 "language_info": {"name": "python"}},
+    "nbformat": 4, "nbformat_minor": 5,
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{dt.datetime.now():%H:%M:%S}] {msg}", flush=True)
+
+
+def notebook_path() -> tuple[Path, bool]:
+    nb = REPO / "deploy" / "notebooks" / "convert.ipynb"
+    if nb.exists():
+        return nb, False
+    dev = HERE / ".convert-dev.ipynb"
+    dev.write_text(json.dumps(DEV_NOTEBOOK, indent=1))
+    return dev, True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+    except (OSError, urllib.error.URLError):
+        return 0, ""
+
+
+class Server:
+    """One kgpool or Kernel Gateway process on a fresh port."""
+
+    def __init__(self, kind: str, notebook: Path, kernels: int, tag: str):
+        self.kind, self.kernels = kind, kernels
+        self.port = free_port()
+        self.runtime = tempfile.mkdtemp(prefix=f"kgbench-{kind}-")
+        env = dict(os.environ, JUPYTER_RUNTIME_DIR=self.runtime, PYTHONUNBUFFERED="1")
+        if kind == "kgpool":
+            cmd = [str(VENV_BENCH / "bin" / "kgpool"), "serve", str(notebook), "--kernels", str(kernels),
+                   "--host", "127.0.0.1", "--port", str(self.port)]
+            env["PATH"] = f"{VENV_BENCH / 'bin'}:{env.get('PATH', '')}"
+        else:
+            cmd = [str(VENV_KG / "bin" / "jupyter-kernelgateway"),
+                   "--KernelGatewayApp.api=kernel_gateway.notebook_http",
+                   f"--KernelGatewayApp.seed_uri={notebook}",
+                   "--KernelGatewayApp.ip=127.0.0.1", f"--KernelGatewayApp.port={self.port}",
+                   f"--KernelGatewayApp.prespawn_count={kernels}"]
+            env["PATH"] = f"{VENV_KG / 'bin'}:{env.get('PATH', '')}"
+        self.proc = procs.Managed(f"{kind}-k{kernels}", cmd, str(LOGS / f"{tag}-{kind}-k{kernels}.log"), env)
+        self.t0 = self.proc.t0
+        self.ready_s: float | None = None
+        self.first_body_s: float | None = None
+        self.all_warm_s: float | None = None
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        """Poll until ready; records seconds from process start.
+
+        kgpool: /readyz 200 (ready_s), then the first correct /convert body (first_body_s) and
+        kgpool_kernels{state="idle"} >= K in /metrics (all_warm_s).  Kernel Gateway has no
+        readiness endpoint and answers only once every prespawned kernel is seeded, so ready_s =
+        first_body_s = all_warm_s = first correct /convert body.
+        """
+        deadline = self.t0 + timeout
+        while time.monotonic() < deadline:
+            if not self.proc.running():
+                raise RuntimeError(f"{self.kind} exited with {self.proc.proc.returncode}; see {self.proc.log_path}")
+            if self.kind == "kgpool":
+                if self.ready_s is None and http_get(self.port, "/readyz", 1.0)[0] == 200:
+                    self.ready_s = time.monotonic() - self.t0
+                if self.ready_s is not None and self.first_body_s is None:
+                    st, body = http_get(self.port, PATH_Q, 5.0)
+                    if st == 200:
+                        self.first_body_s = time.monotonic() - self.t0
+                        if body != EXPECTED:
+                            log(f"WARNING kgpool first body {body!r} != {EXPECTED!r}")
+                if self.first_body_s is not None:
+                    warm = self._idle_kernels()
+                    if warm is None or warm >= self.kernels:
+                        self.all_warm_s = time.monotonic() - self.t0 if warm is not None else None
+                        self.proc.refresh()
+                        return
+            else:
+                st, body = http_get(self.port, PATH_Q, 5.0)
+                if st == 200 and body == EXPECTED:
+                    self.ready_s = self.first_body_s = self.all_warm_s = time.monotonic() - self.t0
+                    self.proc.refresh()
+                    return
+                if st == 200:
+                    raise RuntimeError(f"{self.kind} answered {body!r}, expected {EXPECTED!r}")
+            time.sleep(0.02)
+        raise RuntimeError(f"{self.kind} not ready after {timeout} s; see {self.proc.log_path}")
+
+    def _idle_kernels(self) -> int | None:
+        st, text = http_get(self.port, "/metrics", 2.0)
+        if st != 200:
+            return None
+        m = re.search(r'^kgpool_kernels\{state="idle"\}\s+([0-9.e+]+)', text, re.M)
+        return int(float(m.group(1))) if m else None
+
+    def kernel_exes(self) -> list[str]:
+        self.proc.refresh()
+        return sorted({procs.cmdline(k[0])[0] for k in self.proc.kernel_keys() if procs.cmdline(k[0])})
+
+    def stop(self) -> None:
+        self.proc.stop()
+        shutil.rmtree(self.runtime, ignore_errors=True)
+
+
+def stop(server: Server) -> None:
+    server.stop()
+
+
+def run_wrk(port: int, conc: int, duration: float, threads: int) -> dict:
+    t = max(1, min(threads, conc))
+    secs = max(1, round(duration))  # wrk takes whole seconds
+    cmd = ["wrk", "-t", str(t), "-c", str(conc), "-d", f"{secs}s", "--timeout", "10s",
+           "-s", str(LUA), f"http://127.0.0.1:{port}{PATH_Q}", "--", EXPECTED]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 60)
+    for line in out.stdout.splitlines():
+        if line.startswith("WRKJSON "):
+            return json.loads(line[8:])
+    raise RuntimeError(f"wrk gave no result: {out.stdout}\n{out.stderr}")
+
+
+def measure(server: Server, conc: int, duration: float, threads: int) -> dict:
+    before = server.proc.snapshot()
+    w = run_wrk(server.port, conc, duration, threads)
+    after = server.proc.snapshot()
+    n = max(1, w["requests"])
+    srv_ms, ker_ms = procs.cpu_ms(before, after)
+    e = w["socket_errors"]
+    lat = w["latency_us"]
+    return {
+        "server": server.kind, "kernels": server.kernels, "concurrency": conc,
+        "requests": w["requests"], "rps": w["requests"] / (w["duration_us"] / 1e6),
+        "p50_ms": lat["p50"] / 1000, "p90_ms": lat["p90"] / 1000, "p99_ms": lat["p99"] / 1000,
+        "max_ms": lat["max"] / 1000,
+        "non2xx": w["non2xx"], "wrong_bodies": w["wrong_bodies"],
+        "socket_errors": e["connect"] + e["read"] + e["write"] + e["timeout"],
+        "errors": w["non2xx"] + e["connect"] + e["read"] + e["write"] + e["timeout"],
+        "checked": w["checked"],
+        "sample_bad": [w["sample_bad_status"], w["sample_bad_body"]] if w["sample_bad_body"] or w["sample_bad_status"] else None,
+        "server_cpu_ms_per_req": srv_ms / n, "kernel_cpu_ms_per_req": ker_ms / n,
+        "server_rss_mb": after.server_rss_kb / 1024, "kernel_rss_mb": after.kernel_rss_kb / 1024,
+        "kernel_procs": len(after.kernel_ticks),
+        "loadavg": os.getloadavg()[0],
+    }
+
+
+def phase_startup(args, nb: Path, servers: list[str]) -> list[dict]:
+    out = []
+    for k in args.startup_kernels:
+        for rep in range(args.startup_reps):
+            order = servers if rep % 2 == 0 else servers[::-1]
+            for kind in order:
+                s = Server(kind, nb, k, f"startup-r{rep}")
+                try:
+                    s.wait_ready()
+                    out.append({"server": kind, "kernels": k, "rep": rep, "ready_s": s.ready_s,
+                                "first_body_s": s.first_body_s, "all_warm_s": s.all_warm_s})
+                    log(f"startup {kind} K={k} rep={rep}: ready {s.ready_s:.2f}s "
+                        f"first body {s.first_body_s:.2f}s all warm {s.all_warm_s}")
+                finally:
+                    stop(s)
+    return out
+
+
+def phase_sweep(args, nb: Path, servers: list[str]) -> tuple[list[dict], dict]:
+    rows: list[dict] = []
+    exes: dict[str, list[str]] = {}
+    for k in args.kernels:
+        live: dict[str, Server] = {}
+        try:
+            for kind in servers:
+                live[kind] = Server(kind, nb, k, "sweep")
+                live[kind].wait_ready()
+                exes[kind] = live[kind].kernel_exes()
+                log(f"sweep K={k}: {kind} ready in {live[kind].ready_s:.2f}s on port {live[kind].port}")
+            for kind in servers:  # warm-up, discarded
+                run_wrk(live[kind].port, max(4, k), args.warmup, args.threads)
+            for i, c in enumerate(args.concurrency):
+                order = servers if i % 2 == 0 else servers[::-1]
+                for kind in order:
+                    r = measure(live[kind], c, args.duration, args.threads)
+                    r["order"] = order.index(kind)
+                    rows.append(r)
+                    log(f"K={k} c={c:<3} {kind:<7} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.2f} ms  "
+                        f"p99 {r['p99_ms']:7.2f} ms  err {r['errors']} wrong {r['wrong_bodies']}  "
+                        f"cpu srv {r['server_cpu_ms_per_req']:.2f} ker {r['kernel_cpu_ms_per_req']:.2f} ms/req"
+                        + (f"  BAD SAMPLE {r['sample_bad']}" if r["sample_bad"] else ""))
+                    if r["kernel_procs"] != k:
+                        log(f"WARNING {kind} has {r['kernel_procs']} kernel processes, expected {k}")
+        finally:
+            for s in live.values():
+                stop(s)
+    return rows, exes
+
+
+def phase_floor(args) -> dict | None:
+    py = VENV_KG / "bin" / "python"
+    cmd = [str(py), str(HERE / "floor.py"), "--kernels", str(args.floor_kernels),
+           "--concurrency", ",".join(map(str, args.floor_concurrency)), "--duration", str(args.floor_duration)]
+    out_path = LOGS / "floor.out"
+    m = procs.Managed("floor", cmd, str(LOGS / "floor.log"))
+    # stdout and stderr both go to floor.log; the final line is the JSON result
+    try:
+        deadline = time.monotonic() + 6 * len(args.floor_concurrency) * (args.floor_duration + 2) + 120
+        while m.running() and time.monotonic() < deadline:
+            m.refresh()
+            time.sleep(0.2)
+        if m.running():
+            raise RuntimeError("floor.py timed out")
+    finally:
+        m.stop()
+    lines = Path(m.log_path).read_text().splitlines()
+    for line in reversed(lines):
+        if line.startswith('{"results"'):
+            out_path.write_text(line + "\n")
+            return json.loads(line)
+    log(f"floor.py failed (exit {m.proc.returncode}); see {m.log_path}")
+    return None
+
+
+def versions() -> dict:
+    def run(cmd: list[str]) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    probe = "import importlib.metadata as m; print(' '.join(p + '=' + m.version(p) for p in %r))"
+    v = {
+        "kg_venv": run([str(VENV_KG / "bin" / "python"), "-c",
+                        probe % ["jupyter_kernel_gateway", "jupyter_client", "ipykernel", "tornado", "pyzmq"]]),
+        "wrk": " ".join(run(["wrk", "--version"]).split()[:2]),
+        "python": sys.version.split()[0],
+        "git": run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
+    }
+    if (VENV_BENCH / "bin" / "kgpool").exists():
+        v["kgpool"] = run([str(VENV_BENCH / "bin" / "kgpool"), "--version"])
+        v["bench_venv"] = run([str(VENV_BENCH / "bin" / "python"), "-c", probe % ["jupyter_client", "ipykernel", "pyzmq"]])
+    return v
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--quick", action="store_true", help="K=1,2  c=1,16  3 s runs, 1 start-up rep")
+    p.add_argument("--kernels", type=ints, default=None, help="kernel counts (default 1,2,4)")
+    p.add_argument("--concurrency", type=ints, default=None, help="wrk connections (default 1,4,16,64)")
+    p.add_argument("--duration", type=int, default=None, help="seconds per measured run (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="seconds of discarded load per server and K")
+    p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1: leave the cores to the servers)")
+    p.add_argument("--startup-kernels", type=ints, default=[1, 4])
+    p.add_argument("--startup-reps", type=int, default=None, help="start-up measurements per server and K (default 2)")
+    p.add_argument("--floor-kernels", type=int, default=2)
+    p.add_argument("--floor-concurrency", type=ints, default=[1, 16])
+    p.add_argument("--floor-duration", type=float, default=None)
+    p.add_argument("--servers", default="kgpool,kg", help="which servers (kgpool,kg)")
+    p.add_argument("--skip", default="", help="phases to skip: startup,sweep,floor")
+    a = p.parse_args(argv)
+    q = a.quick
+    a.kernels = a.kernels or ([1, 2] if q else [1, 2, 4])
+    a.concurrency = a.concurrency or ([1, 16] if q else [1, 4, 16, 64])
+    a.duration = a.duration or (3 if q else 5)
+    a.startup_reps = a.startup_reps or (1 if q else 2)
+    a.floor_duration = a.floor_duration or a.duration
+    if q:
+        a.warmup = min(a.warmup, 1)
+    return a
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    LOGS.mkdir(parents=True, exist_ok=True)
+    nb, dev_nb = notebook_path()
+    servers = [s for s in args.servers.split(",") if s in SERVERS]
+    if "kgpool" in servers and not (VENV_BENCH / "bin" / "kgpool").exists():
+        log("kgpool is not installed in .venv-bench: measuring Kernel Gateway only")
+        servers.remove("kgpool")
+    skip = set(args.skip.split(","))
+    started = dt.datetime.now(dt.timezone.utc)
+    result: dict = {
+        "started": started.isoformat(timespec="seconds"), "args": vars(args), "notebook": str(nb.relative_to(REPO)),
+        "dev_notebook": dev_nb, "servers": servers, "cores": os.cpu_count(), "loadavg_start": os.getloadavg(),
+        "versions": versions(), "expected_body": EXPECTED,
+    }
+    log(f"notebook {result['notebook']}; servers {servers}; kernels {args.kernels}; "
+        f"concurrency {args.concurrency}; {args.duration}s per run")
+    result["startup"] = [] if "startup" in skip else phase_startup(args, nb, servers)
+    result["sweep"], result["kernel_executables"] = ([], {}) if "sweep" in skip else phase_sweep(args, nb, servers)
+    result["floor"] = None if "floor" in skip else phase_floor(args)
+    result["loadavg_end"] = os.getloadavg()
+    result["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    result["leftover_processes"] = procs.leftovers()
+
+    import report  # matplotlib is imported lazily: the sweep must not depend on it
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / "latest.md").write_text(report.markdown(result))
+    try:
+        report.plot(result, RESULTS / "latest.png")
+    except Exception as exc:  # noqa: BLE001 - the table is the result; the plot is a view of it
+        log(f"plot failed: {exc}")
+    log(f"wrote {RESULTS / 'latest.md'}, latest.png, latest.json")
+    if result["leftover_processes"]:
+        log(f"ERROR: processes left behind: {result['leftover_processes']}")
+        return 1
+    return 0
+
+
+def _on_signal(signum, frame):  # noqa: ARG001
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, _on_signal)  # also when started with SIGINT ignored (background jobs)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGHUP, _on_signal)
+    rc = 1
+    try:
+        rc = main(sys.argv[1:])
+    except KeyboardInterrupt as exc:
+        log(f"interrupted ({exc}); cleaning up")
+        rc = 130
+    finally:
+        procs.stop_all()
+        left = procs.leftovers()
+        if left:
+            log(f"ERROR: still alive after cleanup: {left}")
+            rc = rc or 1
+    sys.exit(rc)
