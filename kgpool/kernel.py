@@ -45,6 +45,7 @@ class Kernel:
         self._pending: tuple[str, ExecutionResult, asyncio.Future[ExecutionResult]] | None = None
         self._died = asyncio.get_running_loop().create_future()
         self._pidfd: int | None = None
+        self._ready = False
         self.pid: int | None = None
         self.exit_code: int | None = None
 
@@ -74,6 +75,7 @@ class Kernel:
         self._readers = [asyncio.create_task(self._read_iopub(), name=f"{self.label}-iopub"),
                          asyncio.create_task(self._read_shell(), name=f"{self.label}-shell")]
         await self._wait_ready()
+        self._ready = True
 
     def _watch_process(self) -> None:
         loop = asyncio.get_running_loop()
@@ -135,7 +137,7 @@ class Kernel:
         """Ask politely, then kill the kernel's whole process group; never raises."""
         for task in self._readers:
             task.cancel()
-        if self._km is not None and self._km.has_kernel and self.is_alive:
+        if self._ready and self._km is not None and self._km.has_kernel and self.is_alive:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._km.shutdown_kernel(now=False), SHUTDOWN_GRACE + 2)
         self.kill()

@@ -171,6 +171,8 @@ class NotebookService:
         except KernelDied:
             outcome = "crash"
             raise
+        except (ExecutionError, ResponseInfoError):
+            raise  # the cell failed, the kernel is fine
         except BaseException:
             outcome = "cancelled"
             raise

@@ -1,0 +1,181 @@
+"""Shared fixtures: real kgpool servers in subprocesses, test notebooks, and leak checks."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = Path(__file__).resolve().parent / "notebooks"
+EXAMPLE = ROOT / "deploy" / "notebooks" / "convert.ipynb"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def kernel_children(pid: int) -> list[int]:
+    """PIDs of ipykernel processes whose parent is pid."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid and b"ipykernel" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = [p for p in pids if alive(p)]
+        if not left:
+            return []
+        time.sleep(0.05)
+    return [p for p in pids if alive(p)]
+
+
+class Response:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status, self.headers, self.body = status, headers, body
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8")
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class Server:
+    """`python -m kgpool serve` in a subprocess on a free loopback port."""
+
+    def __init__(self, notebook: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.args = [sys.executable, "-m", "kgpool", "serve", str(notebook),
+                     "--port", str(self.port), *args]
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.kernels: list[int] = []
+        self._log = b""
+
+    def start(self, ready: bool = True, timeout: float = 60.0) -> Server:
+        # A file, not a pipe: a full pipe would block the server's logging mid-test.
+        self._logfile = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(self.args, env=self.env, stdout=self._logfile,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        if ready:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited {self.proc.returncode}: {self.output()}")
+            try:
+                if self.request("GET", "/readyz", timeout=2).status == 200:
+                    self.kernels = kernel_children(self.proc.pid)
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError("server not ready in time")
+
+    def request(self, method: str, path: str, body: bytes | str | None = None,
+                headers: dict[str, str] | None = None, timeout: float = 30.0) -> Response:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            return Response(resp.status, dict(resp.getheaders()), resp.read())
+        finally:
+            conn.close()
+
+    def get(self, path: str, **kw: Any) -> Response:
+        return self.request("GET", path, **kw)
+
+    def kernel_pids(self) -> list[int]:
+        assert self.proc is not None
+        return kernel_children(self.proc.pid)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 40.0) -> int:
+        """Signal the server, wait for it, and check that no kernel it ever had survives."""
+        assert self.proc is not None
+        seen = set(self.kernels) | set(self.kernel_pids())
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError("server did not stop after " + signal.Signals(sig).name)
+        self.output()
+        self._logfile.close()
+        left = wait_gone(sorted(seen))
+        for pid in left:  # clean up before failing, then fail loudly
+            os.kill(pid, signal.SIGKILL)
+        assert not left, f"kernel processes outlived the server: {left}"
+        return code
+
+    def output(self) -> str:
+        """Everything the server has logged so far."""
+        if not self._logfile.closed:
+            self._logfile.seek(0)
+            self._log = self._logfile.read()
+        return self._log.decode("utf-8", errors="replace")
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_kernels() -> Iterator[None]:
+    """Every test leaves no kernel process started by this pytest process."""
+    yield
+    left = wait_gone(kernel_children(os.getpid()), timeout=10)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"test left kernel processes behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def kitchen() -> Iterator[Server]:
+    """One server on the kitchen-sink notebook, shared by a module's tests (2 kernels)."""
+    server = Server(NOTEBOOKS / "kitchen.ipynb", "--kernels", "2", "--timeout", "10")
+    with server:
+        yield server

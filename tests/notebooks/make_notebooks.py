@@ -1,0 +1,64 @@
+"""Writes the test notebooks in this folder from the cell sources below (run it after editing).
+
+Each notebook misbehaves or exercises one feature on purpose; the .ipynb files are committed so
+tests read exactly what users would write.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+
+HERE = Path(__file__).parent
+
+
+def write(name: str, cells: list[str], language: str = "python", kernel: str = "python3") -> None:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata = {"kernelspec": {"name": kernel, "display_name": kernel, "language": language},
+                   "language_info": {"name": language}}
+    nb.cells = [nbformat.v4.new_markdown_cell(c[3:]) if c.startswith("MD:")
+                else nbformat.v4.new_code_cell(c) for c in cells]
+    nbformat.write(nb, HERE / f"{name}.ipynb")
+
+
+KITCHEN = [
+    "MD:# Kitchen sink\nOne endpoint per behaviour the tests check.",
+    "import json, os, sys, time\nINIT_RUNS = globals().get('INIT_RUNS', 0) + 1\nHITS = 0",
+    "# GET /echo\nprint(REQUEST, end='')",
+    "# POST /echo\nprint(REQUEST, end='')",
+    "# PUT /echo\nprint(REQUEST, end='')",
+    "# GET /state\nENDPOINT_RAN = True\nprint(json.dumps({'init_runs': INIT_RUNS, 'pid': os.getpid()}))",
+    "# GET /hello/:name\nprint('param ' + json.loads(REQUEST)['path']['name'], end='')",
+    "# GET /hello/world\nprint('fixed', end='')",
+    "# GET /:anything\nprint('root param', end='')",
+    "# GET /a.b\nprint('literal dot', end='')",
+    "# GET /trail/\nprint('trailing', end='')",
+    "# GET /users/:uid/files/:fid\nprint(json.dumps(json.loads(REQUEST)['path']), end='')",
+    "# GET /sleep\nargs = json.loads(REQUEST)['args']\ntime.sleep(float(args.get('s', ['1'])[0]))\n"
+    "print(os.getpid(), end='')",
+    "# GET /raise\nprint('lost output')\nraise ValueError('boom \"quoted\"')",
+    "# GET /input\nname = input('who? ')\nprint(name)",
+    "# GET /result\n1 + 1",
+    "# GET /empty\nx = 1",
+    "# GET /joined\nparts = ['first']",
+    "# GET /joined\nparts.append('second')\nprint('+'.join(parts), end='')",
+    "# POST /created\nHITS += 1\nprint(json.dumps({'hits': HITS}), end='')",
+    "# ResponseInfo POST /created\nprint(json.dumps({'status': 201, 'headers': "
+    "{'Content-Type': 'application/json', 'X-Hits': str(HITS)}}))",
+    "# GET /badinfo\nprint('body')",
+    "# ResponseInfo GET /badinfo\nprint('this is not json')",
+    "# DELETE /items/:id\nprint('deleted ' + json.loads(REQUEST)['path']['id'], end='')",
+    "# PATCH /items/:id\nprint('patched ' + json.loads(REQUEST)['path']['id'], end='')",
+    "# GET /stderr\nprint('to stderr', file=sys.stderr)\nprint('to stdout', end='')",
+    "# GET /exit\nos._exit(1)",
+    "# GET /loop\nwhile True:\n    pass",
+    "# GET /nocontent\nprint('dropped')",
+    "# ResponseInfo GET /nocontent\nprint(json.dumps({'status': 204}))",
+]
+
+write("kitchen", KITCHEN)
+write("init_fails", ["import json", "x = 1\ny = 1 / 0", "# GET /never\nprint('no')"])
+write("no_endpoints", ["import json", "MD:# GET /not-code-cells-are-ignored"])
+write("bad_annotation", ["# get /lowercase\nprint('x')"])
+write("init_sleeps", ["import time\ntime.sleep(3)", "# GET /ok\nprint('ok', end='')"])
