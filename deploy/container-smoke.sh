@@ -130,20 +130,21 @@ cid=$(podman run -d --name "$name" -p "127.0.0.1:${HOST_PORT}:8888" \
 base="http://127.0.0.1:${HOST_PORT}"
 dump_logs() { echo "---- container logs"; podman logs "$cid" 2>&1 | tail -40 || true; }
 
-ok=0
-for _ in $(seq 1 120); do
-  read -r code _ < <(http_get "$base/healthz"); [ "$code" = 200 ] && { ok=1; break; }
-  sleep 0.25
-done
-[ "$ok" = 1 ] || { dump_logs; fail "/healthz did not answer 200 within 30 s"; }
+running() { [ "$(podman inspect --format '{{.State.Running}}' "$cid" 2>/dev/null)" = true ]; }
+# Poll PATH until it answers 200, for at most $2 seconds; fail at once if the container exits.
+wait_200() {
+  local path=$1 limit=$2 code _
+  for _ in $(seq 1 $((limit * 4))); do
+    read -r code _ < <(http_get "$base$path"); [ "$code" = 200 ] && return 0
+    running || { dump_logs; fail "container exited while waiting for $path: $(podman inspect --format '{{.State.Status}} {{.State.ExitCode}}' "$cid")"; }
+    sleep 0.25
+  done
+  dump_logs; fail "$path did not answer 200 within $limit s"
+}
+wait_200 /healthz 30
 step "/healthz 200"
 
-ok=0
-for _ in $(seq 1 240); do
-  read -r code _ < <(http_get "$base/readyz"); [ "$code" = 200 ] && { ok=1; break; }
-  sleep 0.25
-done
-[ "$ok" = 1 ] || { dump_logs; fail "/readyz did not answer 200 within 60 s (kernels not warm)"; }
+wait_200 /readyz 60      # kernels warm
 step "/readyz 200 (kernels warm)"
 
 # ---- 6. the bundled notebook answers, byte for byte.
