@@ -214,7 +214,8 @@ def phase_startup(args, nb: Path, servers: list[str]) -> list[dict]:
                     out.append({"server": kind, "kernels": k, "rep": rep, "ready_s": s.ready_s,
                                 "first_body_s": s.first_body_s, "all_warm_s": s.all_warm_s})
                     log(f"startup {kind} K={k} rep={rep}: ready {s.ready_s:.2f}s "
-                        f"first body {s.first_body_s:.2f}s all warm {s.all_warm_s}")
+                        f"first body {s.first_body_s:.2f}s all warm "
+                        + (f"{s.all_warm_s:.2f}s" if s.all_warm_s is not None else "unknown"))
                 finally:
                     stop(s)
     return out
