@@ -29,18 +29,20 @@ def free_port() -> int:
 
 
 def kernel_children(pid: int) -> list[int]:
-    """PIDs of ipykernel processes whose parent is pid."""
+    """Live ipykernel processes started by pid (jupyter_client tells each its JPY_PARENT_PID),
+    found even after they were orphaned."""
     found = []
+    marker = f"JPY_PARENT_PID={pid}".encode()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
+            if b"ipykernel" not in (entry / "cmdline").read_bytes():
+                continue
+            env = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == pid and b"ipykernel" in cmdline:
+        if marker in env and alive(int(entry.name)):
             found.append(int(entry.name))
     return found
 

@@ -19,6 +19,8 @@ def write(name: str, cells: list[str], language: str = "python", kernel: str = "
                    "language_info": {"name": language}}
     nb.cells = [nbformat.v4.new_markdown_cell(c[3:]) if c.startswith("MD:")
                 else nbformat.v4.new_code_cell(c) for c in cells]
+    for index, cell in enumerate(nb.cells):
+        cell["id"] = f"{name}-{index}"  # stable ids: rewriting changes nothing
     nbformat.write(nb, HERE / f"{name}.ipynb")
 
 
@@ -62,3 +64,9 @@ write("init_fails", ["import json", "x = 1\ny = 1 / 0", "# GET /never\nprint('no
 write("no_endpoints", ["import json", "MD:# GET /not-code-cells-are-ignored"])
 write("bad_annotation", ["# get /lowercase\nprint('x')"])
 write("init_sleeps", ["import time\ntime.sleep(3)", "# GET /ok\nprint('ok', end='')"])
+# Init fails whenever the file named by KGPOOL_TEST_FLAG exists: lets a test break replacements.
+write("flaky_init", [
+    "import os, json\nif os.path.exists(os.environ.get('KGPOOL_TEST_FLAG', '/nonexistent')):\n"
+    "    raise RuntimeError('flag file present: init refuses')",
+    "# GET /ok\nprint(os.getpid(), end='')",
+])

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The one test command (README, CI): installs kgpool with its test extras into .venv, installs
+# the system tools the suite needs (Debian's prometheus for promtool and the real-Prometheus test),
+# runs the whole pytest suite, then the deployment checks (alert rules, manifests, container).
+#   bash tests/run.sh            everything
+#   bash tests/run.sh -k web     extra arguments go to pytest (deployment checks are skipped)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+step() { printf '\n=== [%ss] %s\n' "$SECONDS" "$*"; }
+
+step "python environment (.venv)"
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+  step "apt: prometheus (server + promtool)"
+  if [ "$(id -u)" = 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get -o DPkg::Lock::Timeout=300 update -q >/dev/null
+    apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends prometheus >/dev/null
+  else
+    echo "not root: the Prometheus tests will be skipped" >&2
+  fi
+fi
+
+step "pytest"
+.venv/bin/python -m pytest "$@"
+
+if [ "$#" -eq 0 ]; then
+  step "observability checks (promtool)"
+  KGPOOL_PYTHON="$PWD/.venv/bin/python" bash deploy/observability-checks.sh
+  step "deployment lint (hadolint, kustomize + kubernetes-validate, yamllint)"
+  bash deploy/lint.sh
+  step "container smoke test (podman)"
+  bash deploy/container-smoke.sh
+fi
+step "all passed"

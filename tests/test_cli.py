@@ -1,0 +1,157 @@
+"""The command line as a user runs it: flags, environment, exit codes, signals, no leftovers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import EXAMPLE, NOTEBOOKS, Server, kernel_children, wait_gone
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def run(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> \
+        subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kgpool", *args], capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                          env={**os.environ, **(env or {})})
+
+
+def test_example_notebook_readme_flow() -> None:
+    with Server(EXAMPLE) as server:
+        resp = server.get("/convert?angle=180")
+        assert resp.status == 200
+        assert resp.text.strip() == '{"convertedAngle": 3.141592653589793}'
+        assert server.get("/convert").text.strip() == '{"convertedAngle": null}'
+
+
+def test_version_and_help() -> None:
+    from kgpool import __version__
+    assert run("--version").stdout.strip() == f"kgpool {__version__}"
+    helptext = run("serve", "--help").stdout
+    for flag in ("--kernels", "--host", "--port", "--kernel-name", "--timeout", "--max-queue",
+                 "--max-requests", "--shutdown-timeout", "--log-format", "--log-level"):
+        assert flag in helptext
+    assert "(default: 127.0.0.1)" in helptext and "(default: 8888)" in helptext
+    assert "KGPOOL_KERNELS" in helptext
+
+
+def test_routes_lists_endpoints() -> None:
+    out = run("routes", str(NOTEBOOKS / "kitchen.ipynb"))
+    assert out.returncode == 0
+    assert "GET     /hello/world" in out.stdout
+    assert "POST    /created" in out.stdout and "ResponseInfo cells [20]" in out.stdout
+    lines = out.stdout.splitlines()
+    assert lines.index(next(l for l in lines if "/hello/world" in l)) < \
+        lines.index(next(l for l in lines if "/hello/:name" in l))
+
+
+@pytest.mark.parametrize("notebook,message", [
+    ("no_endpoints.ipynb", "has no endpoint"),
+    ("bad_annotation.ipynb", "cell 0 ('# get /lowercase')"),
+    ("missing.ipynb", "cannot read notebook"),
+])
+def test_unusable_notebook_fails_fast(notebook: str, message: str) -> None:
+    for command in ("routes", "serve"):
+        out = run(command, str(NOTEBOOKS / notebook), timeout=30)
+        assert out.returncode != 0
+        assert message in out.stderr
+
+
+def test_init_failure_stops_startup_and_leaves_no_kernel() -> None:
+    server = Server(NOTEBOOKS / "init_fails.ipynb", "--kernels", "3").start(ready=False)
+    assert server.proc is not None
+    code = server.proc.wait(60)
+    log = server.output()
+    assert code == 1
+    assert "init cell 1 ('x = 1')" in log and "ZeroDivisionError: division by zero" in log
+    assert wait_gone(kernel_children(server.proc.pid)) == []
+    server.stop()
+
+
+def test_flags_from_environment() -> None:
+    server = Server(EXAMPLE, env={"KGPOOL_KERNELS": "2", "KGPOOL_TIMEOUT": "7",
+                                  "KGPOOL_LOG_FORMAT": "json"})
+    with server:
+        assert server.get("/readyz").json()["kernels"]["desired"] == 2
+        assert len(server.kernel_pids()) == 2
+        assert server.get("/convert?angle=0").status == 200
+    assert '"logger": "kgpool.access"' in server.output()
+
+
+def test_flag_beats_environment() -> None:
+    with Server(EXAMPLE, "--kernels", "1", env={"KGPOOL_KERNELS": "2"}) as server:
+        assert server.get("/readyz").json()["kernels"]["desired"] == 1
+
+
+def test_bad_environment_value_is_a_clear_error() -> None:
+    out = run("serve", str(EXAMPLE), env={"KGPOOL_KERNELS": "many"})
+    assert out.returncode != 0 and "KGPOOL_KERNELS='many'" in out.stderr
+
+
+def test_requests_run_in_parallel_on_separate_kernels() -> None:
+    with Server(NOTEBOOKS / "kitchen.ipynb", "--kernels", "4") as server:
+        started = time.monotonic()
+        with ThreadPoolExecutor(8) as ex:
+            replies = list(ex.map(lambda _: server.get("/sleep?s=1"), range(8)))
+        elapsed = time.monotonic() - started
+        assert [r.status for r in replies] == [200] * 8
+        assert len({r.text for r in replies}) == 4  # four kernel PIDs served
+        assert elapsed < 6.0  # one kernel at a time would take at least 8 s
+
+
+def test_requests_wait_in_fifo_order() -> None:
+    with Server(NOTEBOOKS / "kitchen.ipynb", "--kernels", "1") as server:
+        with ThreadPoolExecutor(4) as ex:
+            first = ex.submit(server.get, "/sleep?s=1")
+            time.sleep(0.3)
+            queued = []
+            for i in range(3):
+                queued.append(ex.submit(server.request, "POST", "/created"))
+                time.sleep(0.1)
+            assert first.result().status == 200
+            hits = [f.result().json()["hits"] for f in queued]
+        assert hits == sorted(hits)
+
+
+def test_requests_before_warm_wait_instead_of_failing() -> None:
+    server = Server(NOTEBOOKS / "init_sleeps.ipynb").start(ready=False)
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # the port opens before the kernels are warm
+            try:
+                ready = server.get("/readyz")
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert ready.status == 503
+        assert server.get("/healthz").status == 200
+        resp = server.get("/ok")
+        assert (resp.status, resp.text) == (200, "ok")
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_graceful_shutdown_finishes_in_flight(sig: int) -> None:
+    server = Server(NOTEBOOKS / "kitchen.ipynb", "--kernels", "2").start()
+    with ThreadPoolExecutor(3) as ex:
+        in_flight = [ex.submit(server.get, "/sleep?s=2") for _ in range(3)]  # one queued
+        time.sleep(0.5)
+        assert server.proc is not None
+        server.proc.send_signal(sig)
+        time.sleep(0.3)
+        try:
+            late = server.get("/state", timeout=5).status
+        except OSError:
+            late = 503  # the listener may already be closed; either way not served
+        assert [f.result().status for f in in_flight] == [200, 200, 200]
+    assert late == 503
+    assert server.stop(sig) == 0
