@@ -119,7 +119,8 @@ cleanup() {
   if [ -n "$cid" ]; then podman rm -f -t 3 "$cid" >/dev/null 2>&1 || true; fi
 }
 trap cleanup EXIT
-python3 -c "import socket,sys; s=socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1])))" "$HOST_PORT" \
+# (SO_REUSEADDR, as servers use: connections of an earlier run may linger in TIME_WAIT)
+python3 -c "import socket as S,sys; s=S.socket(); s.setsockopt(S.SOL_SOCKET, S.SO_REUSEADDR, 1); s.bind(('127.0.0.1', int(sys.argv[1])))" "$HOST_PORT" \
   || fail "port 127.0.0.1:$HOST_PORT is taken; set HOST_PORT"
 # (podman prints harmless "unable to get systemd connection" errors: no systemd timers here)
 cid=$(podman run -d --name "$name" -p "127.0.0.1:${HOST_PORT}:8888" \
@@ -201,7 +202,51 @@ done
 echo "no container process left on the host"
 step "SIGTERM drain"
 
-# ---- 10. the image also runs the other CLI verbs (entrypoint does not force `serve`).
+# ---- 10. kgpool itself stops its kernels (rather than the end of the container doing it):
+#          under the image's dumb-init, a small supervisor starts `kgpool serve`, sends it
+#          SIGTERM once warm, and then lists every process still alive in the container. A
+#          kernel that kgpool failed to stop would be orphaned to PID 1 and show up here.
+#          Also proves KGPOOL_LOG_FORMAT=json reaches kgpool (every log line must be JSON).
+podman run --rm -i --read-only --read-only-tmpfs=false --tmpfs /tmp:rw,mode=1777,size=64m \
+    --cap-drop=ALL -e KGPOOL_KERNELS="$KERNELS" -e KGPOOL_PORT=8899 -e KGPOOL_LOG_FORMAT=json \
+    "$IMAGE" python - 2>"$WORK/run2.err" <<'PY' || { cat "$WORK/run2.err"; fail "kgpool left processes behind, exited non-zero or logged non-JSON"; }
+import json, os, signal, subprocess, sys, time, urllib.request
+
+def cmdline(pid):
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().replace(b"\0", b" ").decode()
+
+def others():
+    return {p: cmdline(p) for p in os.listdir("/proc") if p.isdigit() and int(p) not in (1, os.getpid())}
+
+# stderr to a file, not a pipe: the kernels inherit it, and reading a pipe to its end would
+# wait for them too (ipykernel exits by itself soon after its parent dies).
+log = open("/tmp/kgpool.log", "w+")
+p = subprocess.Popen(["kgpool", "serve"], stderr=log)
+for _ in range(240):
+    try:
+        if urllib.request.urlopen("http://127.0.0.1:8899/readyz", timeout=1).status == 200:
+            break
+    except Exception:
+        time.sleep(0.25)
+else:
+    sys.exit("kgpool never became ready")
+kernels = [c for c in others().values() if "ipykernel" in c]
+p.send_signal(signal.SIGTERM)
+p.wait(timeout=45)
+left = others()          # at once: anything still here outlived kgpool
+log.seek(0)
+err = log.read().splitlines()
+# Kernels share kgpool's stderr; their own "[IPKernelApp] ..." lines are not kgpool's.
+json_lines = [json.loads(l) for l in err if l.startswith("{")]
+other = [l for l in err if not l.startswith("{") and not l.startswith("[IPKernelApp]")]
+print(f"kgpool exit code {p.returncode}; kernels before SIGTERM: {len(kernels)}; "
+      f"processes left after: {left or 'none'}; JSON log lines: {len(json_lines)}, other: {other}")
+sys.exit(1 if p.returncode != 0 or left or not kernels or not json_lines or other else 0)
+PY
+step "kgpool stops its own kernels; KGPOOL_LOG_FORMAT=json"
+
+# ---- 11. the image also runs the other CLI verbs (entrypoint does not force `serve`).
 routes=$(podman run --rm --read-only "$IMAGE" kgpool routes /app/notebooks/convert.ipynb 2>/dev/null)
 echo "$routes"
 grep -q '/convert' <<<"$routes" || fail "kgpool routes did not list /convert"
