@@ -341,7 +341,7 @@ def test_prometheus_reads_exact_counts(kgpool: tuple[Process, str], prometheus: 
 def _check_rules_loaded(prom: str) -> None:
     """alerts.yml loads into the real server and every rule evaluates without error."""
     def evaluated() -> list[dict[str, Any]] | None:
-        status, body = get(f"{prom}/api/v1/rules")
+        _status, body = get(f"{prom}/api/v1/rules")
         rules = [r for g in json.loads(body)["data"]["groups"] for r in g["rules"]]
         return rules if rules and all(r.get("health") != "unknown" for r in rules) else None
 

@@ -84,8 +84,8 @@ def quantiles(metric: str, by: str = "", sel: str = SEL) -> list[tuple[str, str]
     """p50/p90/p99 of a histogram, optionally split by a label."""
     keys = f"le, {by}" if by else "le"
     legend_by = f"{{{{{by}}}}} " if by else ""
-    return [(f"histogram_quantile({q}, sum by ({keys}) "
-             f"(rate({metric}_bucket{{{sel}}}[$__rate_interval])))", f"{legend_by}{name}")
+    return [((f"histogram_quantile({q}, sum by ({keys}) "
+             f"(rate({metric}_bucket{{{sel}}}[$__rate_interval])))"), f"{legend_by}{name}")
             for name, q in QUANTILES]
 
 
@@ -156,8 +156,8 @@ def panels() -> list[Panel]:
         timeseries("Errors by route and status",
                    "Non-2xx responses per second. 404 on route \"unmatched\" are unknown paths.",
                    "reqps",
-                   [(f'sum by (route, code) (rate(kgpool_http_requests_total{{{RSEL}, '
-                     f'code!~"2.."}}[$__rate_interval]))', "{{route}} {{code}}")], stack=True),
+                   [((f'sum by (route, code) (rate(kgpool_http_requests_total{{{RSEL}, '
+                     f'code!~"2.."}}[$__rate_interval]))'), "{{route}} {{code}}")], stack=True),
 
         row("Latency"),
         timeseries("Request latency p50 / p90 / p99",
@@ -165,8 +165,8 @@ def panels() -> list[Panel]:
                    "kgpool_http_request_duration_seconds.", "s",
                    quantiles("kgpool_http_request_duration_seconds", sel=RSEL)),
         timeseries("Request latency p99 by route", "Slowest routes first in the legend.", "s",
-                   [(f"histogram_quantile(0.99, sum by (le, route) (rate("
-                     f"kgpool_http_request_duration_seconds_bucket{{{RSEL}}}[$__rate_interval])))",
+                   [((f"histogram_quantile(0.99, sum by (le, route) (rate("
+                     f"kgpool_http_request_duration_seconds_bucket{{{RSEL}}}[$__rate_interval])))"),
                      "{{route}}")]),
         timeseries("Execution time p50 / p90 / p99 by route",
                    "Time the kernel spent running the endpoint cell (no queue wait).", "s",
@@ -188,8 +188,8 @@ def panels() -> list[Panel]:
         timeseries("Rejections by reason",
                    "Requests refused with 503 before reaching a kernel: queue_full, draining "
                    "(shutting down), not_ready (no warm kernel).", "reqps",
-                   [(f"sum by (reason) (rate(kgpool_requests_rejected_total{{{SEL}}}"
-                     f"[$__rate_interval]))", "{{reason}}")], stack=True, w=24),
+                   [((f"sum by (reason) (rate(kgpool_requests_rejected_total{{{SEL}}}"
+                     f"[$__rate_interval]))"), "{{reason}}")], stack=True, w=24),
 
         row("Kernels"),
         unstacked_dashed(timeseries("Kernels by state",
@@ -201,8 +201,8 @@ def panels() -> list[Panel]:
         timeseries("Kernel restarts by reason",
                    "Kernels replaced per interval: crash, timeout, recycle (planned, "
                    "--max-requests), init_failed.", "none",
-                   [(f"sum by (reason) (increase(kgpool_kernel_restarts_total{{{SEL}}}"
-                     f"[$__rate_interval]))", "{{reason}}")], stack=True, bars=True),
+                   [((f"sum by (reason) (increase(kgpool_kernel_restarts_total{{{SEL}}}"
+                     f"[$__rate_interval]))"), "{{reason}}")], stack=True, bars=True),
         timeseries("Kernel start time p50 / p99",
                    "Kernel process start until it answers, from "
                    "kgpool_kernel_start_duration_seconds.", "s",

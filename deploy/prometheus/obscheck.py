@@ -15,6 +15,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 CONTRACT = HERE / "contract-metrics.txt"
@@ -24,7 +25,8 @@ EXTRA_PREFIXES = ("process_", "python_")
 EXTRA_NAMES = {"up"}
 
 # PromQL words that look like identifiers but are not metric names.
-PROMQL_WORDS = set("""
+PROMQL_WORDS = set(
+    """
 abs absent absent_over_time avg avg_over_time bool bottomk by ceil changes clamp clamp_max
 clamp_min count count_over_time count_values day_of_month day_of_week day_of_year days_in_month
 delta deriv exp floor group group_left group_right histogram_count histogram_fraction
@@ -34,7 +36,8 @@ offset on or and unless predict_linear present_over_time quantile quantile_over_
 resets round scalar sgn sort sort_desc sqrt stddev stddev_over_time stdvar stdvar_over_time
 sum sum_over_time time timestamp topk vector without year inf nan atan2
 label_values label_names metrics query_result
-""".split())
+""".split()  # noqa: SIM905 (a word list reads better as text)
+)
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,7 @@ def dashboard_queries(path: Path) -> list[tuple[str, str]]:
     dash = json.loads(path.read_text())
     out = []
 
-    def walk(panels: list[dict]) -> None:
+    def walk(panels: list[dict[str, Any]]) -> None:
         for p in panels:
             for t in p.get("targets", []):
                 if t.get("expr"):
