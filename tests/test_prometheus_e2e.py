@@ -290,6 +290,17 @@ def test_prometheus_reads_exact_counts(kgpool: tuple[Process, str], prometheus: 
     assert sample(during, "kgpool_requests_in_flight") >= 3, "2 running + 1 queued in flight"
     after = scrape(url)
     assert sample(after, "kgpool_queue_depth") == 0
+    assert sample(after, "kgpool_requests_in_flight") == 0
+
+    # Kill one idle kernel (a grandchild this test started, by PID): a "crash" restart.
+    victims = sorted(kernel_descendants(server.pid))
+    server.kernels_seen |= set(victims)
+    assert len(victims) == 2, victims
+    os.kill(victims[0], signal.SIGKILL)
+    wait_for("the crash restart and two idle kernels again", lambda: (
+        (text := scrape(url)) and sample(text, "kgpool_kernel_restarts_total", reason="crash") == 1
+        and sample(text, "kgpool_kernels", state="idle") == 2), 60, server.proc, server.log)
+    server.kernels_seen |= kernel_descendants(server.pid)
     load_done = time.time()
 
     wait_for_scrape_after(prometheus, load_done)
@@ -313,6 +324,7 @@ def test_prometheus_reads_exact_counts(kgpool: tuple[Process, str], prometheus: 
     assert scalar(prometheus, "kgpool_queue_capacity") == 1
     assert scalar(prometheus, 'sum(kgpool_requests_rejected_total{reason="queue_full"})') == n503
     assert scalar(prometheus, 'sum(kgpool_kernel_restarts_total{reason="timeout"})') == n504
+    assert scalar(prometheus, 'sum(kgpool_kernel_restarts_total{reason="crash"})') == 1
     assert scalar(prometheus, 'sum(kgpool_kernels{state=~"idle|busy"})') == 2
     assert scalar(prometheus, "kgpool_queue_depth") == 0
     assert scalar(prometheus, "kgpool_build_info") == 1
