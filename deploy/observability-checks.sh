@@ -113,6 +113,9 @@ say "grafana dashboard"
 PY=$(pick_python)
 if "$PY" -c 'import json,sys; d=json.load(open(sys.argv[1])); assert d["schemaVersion"] >= 36 and d["panels"]' \
         "$GRAFANA/kgpool-dashboard.json"; then pass "dashboard JSON parses"; else fail "dashboard JSON"; fi
+if "$PY" "$PROM/obscheck.py" dashboard "$GRAFANA/kgpool-dashboard.json"; then
+    pass "dashboard structure (ids, grid, \${DS_PROMETHEUS} datasource, refIds)"
+else fail "dashboard structure"; fi
 if "$PY" "$GRAFANA/make_dashboard.py" --check; then pass "dashboard matches make_dashboard.py"
 else fail "dashboard JSON out of date with make_dashboard.py"; fi
 if "$PY" "$PROM/obscheck.py" queries "$GRAFANA/kgpool-dashboard.json" "$PROM/alerts.yml"; then

@@ -3,6 +3,7 @@
 
     obscheck.py queries DASHBOARD.json ALERTS.yml   # every query uses only contract metric names
     obscheck.py exposition METRICS.txt              # /metrics text has every contract family
+    obscheck.py dashboard DASHBOARD.json            # Grafana structure: ids, grid, datasource
 
 Standard library only, so it runs under any python3 (CI, the operator's laptop, the e2e test,
 which imports it). Exit status 0 = clean, 1 = problems (printed one per line).
@@ -161,6 +162,48 @@ def check_queries(dashboard: Path, alerts: Path) -> list[str]:
     return problems
 
 
+def check_dashboard(path: Path) -> list[str]:
+    """What Grafana would silently get wrong: duplicate ids, overlapping or off-grid panels,
+    a hard-coded datasource instead of the ${DS_PROMETHEUS} variable, targets without refId."""
+    dash = json.loads(path.read_text())
+    problems = []
+    if not isinstance(dash.get("schemaVersion"), int) or dash["schemaVersion"] < 36:
+        problems.append(f"schemaVersion {dash.get('schemaVersion')!r} (want >= 36)")
+    names = {v.get("name") for v in dash.get("templating", {}).get("list", [])}
+    if "DS_PROMETHEUS" not in names:
+        problems.append("no DS_PROMETHEUS datasource variable")
+    seen_ids: set[int] = set()
+    cells: dict[tuple[int, int], str] = {}
+    for p in dash.get("panels", []):
+        title = f"panel {p.get('id')} {p.get('title')!r}"
+        if p.get("id") in seen_ids:
+            problems.append(f"{title}: duplicate id")
+        seen_ids.add(p.get("id"))
+        g = p.get("gridPos", {})
+        if not all(isinstance(g.get(k), int) for k in "hwxy") or g["x"] + g["w"] > 24:
+            problems.append(f"{title}: bad gridPos {g}")
+            continue
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                if (x, y) in cells:
+                    problems.append(f"{title} overlaps {cells[(x, y)]}")
+                    break
+                cells[(x, y)] = title
+            else:
+                continue
+            break
+        if p.get("type") == "row":
+            continue
+        refs = [t.get("refId") for t in p.get("targets", [])]
+        if not refs or None in refs or len(set(refs)) != len(refs):
+            problems.append(f"{title}: targets need unique refIds, got {refs}")
+        for obj in [p] + p.get("targets", []):
+            ds = obj.get("datasource")
+            if ds != {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}:
+                problems.append(f"{title}: datasource {ds!r} is not the DS_PROMETHEUS variable")
+    return problems
+
+
 # ---- exposition --------------------------------------------------------------------------
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})?\s+(\S+)(\s+\S+)?$")
@@ -241,6 +284,8 @@ def check_exposition(text: str) -> list[str]:
 def main(argv: list[str]) -> int:
     if len(argv) == 4 and argv[1] == "queries":
         problems = check_queries(Path(argv[2]), Path(argv[3]))
+    elif len(argv) == 3 and argv[1] == "dashboard":
+        problems = check_dashboard(Path(argv[2]))
     elif len(argv) == 3 and argv[1] == "exposition":
         problems = check_exposition(Path(argv[2]).read_text())
     else:
