@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -177,17 +178,33 @@ def run_wrk(port: int, conc: int, duration: float, threads: int) -> dict:
     raise RuntimeError(f"wrk gave no result: {out.stdout}\n{out.stderr}")
 
 
+def busy_ms() -> float:
+    """Machine-wide busy CPU (all cores) since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+    return (sum(v[:8]) - idle) * 1000.0 / procs.CLK_TCK
+
+
+def children_cpu_ms() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (ru.ru_utime + ru.ru_stime) * 1000.0
+
+
 def measure(server: Server, conc: int, duration: float, threads: int) -> dict:
     before = server.proc.snapshot()
+    busy0, kids0, t0 = busy_ms(), children_cpu_ms(), time.monotonic()
     w = run_wrk(server.port, conc, duration, threads)
+    busy1, kids1, wall = busy_ms(), children_cpu_ms(), time.monotonic() - t0
     after = server.proc.snapshot()
-    n = max(1, w["requests"])
     srv_ms, ker_ms = procs.cpu_ms(before, after)
+    wrk_ms = kids1 - kids0  # wrk is the only child reaped meanwhile
+    others = max(0.0, (busy1 - busy0) - srv_ms - ker_ms - wrk_ms)
     e = w["socket_errors"]
     lat = w["latency_us"]
     return {
         "server": server.kind, "kernels": server.kernels, "concurrency": conc,
-        "requests": w["requests"], "rps": w["requests"] / (w["duration_us"] / 1e6),
+        "requests": w["requests"], "duration_s": w["duration_us"] / 1e6,
         "p50_ms": lat["p50"] / 1000, "p90_ms": lat["p90"] / 1000, "p99_ms": lat["p99"] / 1000,
         "max_ms": lat["max"] / 1000,
         "non2xx": w["non2xx"], "wrong_bodies": w["wrong_bodies"],
@@ -195,11 +212,33 @@ def measure(server: Server, conc: int, duration: float, threads: int) -> dict:
         "errors": w["non2xx"] + e["connect"] + e["read"] + e["write"] + e["timeout"],
         "checked": w["checked"],
         "sample_bad": [w["sample_bad_status"], w["sample_bad_body"]] if w["sample_bad_body"] or w["sample_bad_status"] else None,
-        "server_cpu_ms_per_req": srv_ms / n, "kernel_cpu_ms_per_req": ker_ms / n,
+        "server_cpu_ms": srv_ms, "kernel_cpu_ms": ker_ms, "wrk_cpu_ms": wrk_ms,
+        "others_cpu_pct": 100.0 * others / 1000.0 / wall / (os.cpu_count() or 1),
         "server_rss_mb": after.server_rss_kb / 1024, "kernel_rss_mb": after.kernel_rss_kb / 1024,
         "kernel_procs": len(after.kernel_ticks),
         "loadavg": os.getloadavg()[0],
     }
+
+
+def merge(rounds: list[dict]) -> dict:
+    """One row from the rounds of a cell: sums for counts, medians for percentiles."""
+    r = dict(rounds[0])
+    n = sum(x["requests"] for x in rounds)
+    secs = sum(x["duration_s"] for x in rounds)
+    for key in ("requests", "non2xx", "wrong_bodies", "socket_errors", "errors", "checked",
+                "server_cpu_ms", "kernel_cpu_ms", "wrk_cpu_ms", "duration_s"):
+        r[key] = sum(x[key] for x in rounds)
+    for key in ("p50_ms", "p90_ms", "p99_ms", "others_cpu_pct", "loadavg"):
+        r[key] = statistics.median(x[key] for x in rounds)
+    for key in ("max_ms", "server_rss_mb", "kernel_rss_mb"):
+        r[key] = max(x[key] for x in rounds)
+    r["rps"] = n / secs if secs else 0.0
+    r["server_cpu_ms_per_req"] = r["server_cpu_ms"] / max(1, n)
+    r["kernel_cpu_ms_per_req"] = r["kernel_cpu_ms"] / max(1, n)
+    r["sample_bad"] = next((x["sample_bad"] for x in rounds if x["sample_bad"]), None)
+    r["rounds"] = [{k: x[k] for k in ("requests", "duration_s", "p50_ms", "p99_ms", "errors", "wrong_bodies",
+                                      "others_cpu_pct", "order")} for x in rounds]
+    return r
 
 
 def phase_startup(args, nb: Path, servers: list[str]) -> list[dict]:
@@ -235,17 +274,23 @@ def phase_sweep(args, nb: Path, servers: list[str]) -> tuple[list[dict], dict]:
             for kind in servers:  # warm-up, discarded
                 run_wrk(live[kind].port, max(4, k), args.warmup, args.threads)
             for i, c in enumerate(args.concurrency):
-                order = servers if i % 2 == 0 else servers[::-1]
-                for kind in order:
-                    r = measure(live[kind], c, args.duration, args.threads)
-                    r["order"] = order.index(kind)
+                got: dict[str, list[dict]] = {kind: [] for kind in servers}
+                for rnd in range(args.rounds):  # A B, then B A: drift and bursts hit both
+                    order = servers if (i + rnd) % 2 == 0 else servers[::-1]
+                    for kind in order:
+                        m = measure(live[kind], c, args.duration, args.threads)
+                        m["order"] = order.index(kind)
+                        got[kind].append(m)
+                        if m["kernel_procs"] != k:
+                            log(f"WARNING {kind} has {m['kernel_procs']} kernel processes, expected {k}")
+                for kind in servers:
+                    r = merge(got[kind])
                     rows.append(r)
                     log(f"K={k} c={c:<3} {kind:<7} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.2f} ms  "
                         f"p99 {r['p99_ms']:7.2f} ms  err {r['errors']} wrong {r['wrong_bodies']}  "
-                        f"cpu srv {r['server_cpu_ms_per_req']:.2f} ker {r['kernel_cpu_ms_per_req']:.2f} ms/req"
+                        f"cpu srv {r['server_cpu_ms_per_req']:.2f} ker {r['kernel_cpu_ms_per_req']:.2f} ms/req  "
+                        f"others {r['others_cpu_pct']:.0f}%"
                         + (f"  BAD SAMPLE {r['sample_bad']}" if r["sample_bad"] else ""))
-                    if r["kernel_procs"] != k:
-                        log(f"WARNING {kind} has {r['kernel_procs']} kernel processes, expected {k}")
         finally:
             for s in live.values():
                 stop(s)
@@ -300,10 +345,12 @@ def versions() -> dict:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--quick", action="store_true", help="K=1,2  c=1,16  3 s runs, 1 start-up rep")
+    p.add_argument("--quick", action="store_true", help="K=1,2  c=1,16  one 3 s run per cell, 1 start-up rep")
     p.add_argument("--kernels", type=ints, default=None, help="kernel counts (default 1,2,4)")
     p.add_argument("--concurrency", type=ints, default=None, help="wrk connections (default 1,4,16,64)")
-    p.add_argument("--duration", type=int, default=None, help="seconds per measured run (default 5)")
+    p.add_argument("--duration", type=int, default=None, help="seconds per measured run (default 4)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="measured runs per server and cell, order alternating A B / B A (default 2; quick 1)")
     p.add_argument("--warmup", type=int, default=2, help="seconds of discarded load per server and K")
     p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1: leave the cores to the servers)")
     p.add_argument("--startup-kernels", type=ints, default=[1, 4])
@@ -317,7 +364,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     q = a.quick
     a.kernels = a.kernels or ([1, 2] if q else [1, 2, 4])
     a.concurrency = a.concurrency or ([1, 16] if q else [1, 4, 16, 64])
-    a.duration = a.duration or (3 if q else 5)
+    a.duration = a.duration or (3 if q else 4)
+    a.rounds = a.rounds or (1 if q else 2)
     a.startup_reps = a.startup_reps or (1 if q else 2)
     a.floor_duration = a.floor_duration or a.duration
     if q:

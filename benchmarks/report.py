@@ -85,7 +85,8 @@ def markdown(res: dict) -> str:
         "# kgpool vs Jupyter Kernel Gateway — latest benchmark run",
         "",
         f"Command: `bash benchmarks/run.sh{' --quick' if a['quick'] else ''}` "
-        f"(kernels {a['kernels']}, concurrency {a['concurrency']}, {a['duration']} s per run, "
+        f"(kernels {a['kernels']}, concurrency {a['concurrency']}, {a.get('rounds', 1)} × {a['duration']} s per server "
+        f"and cell, "
         f"wrk {a['threads']} thread(s)).  ",
         f"Run {res['started']} → {res['finished']} UTC on {res['cores']} cores; load average "
         f"{res['loadavg_start'][0]:.2f} at start, {res['loadavg_end'][0]:.2f} at end.  ",
@@ -105,11 +106,13 @@ def markdown(res: dict) -> str:
         "",
         "Pairs are `kgpool / Kernel Gateway`. Errors = non-2xx + socket errors; wrong = 2xx with another body. "
         "CPU is utime+stime from /proc per request (server = the server process and its non-kernel "
-        "descendants; kernels = all ipykernel descendants). RSS after the run, kernels summed.",
+        "descendants; kernels = all ipykernel descendants). RSS after the run, kernels summed. "
+        "Others = CPU used by processes outside this benchmark during the run, % of the whole machine "
+        "(a noise gauge; median over rounds).",
         "",
         "| K | c | req/s | ratio | p50 ms | p99 ms | errors | wrong | server CPU ms/req | kernel CPU ms/req "
-        "| server RSS MB | kernels RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| server RSS MB | kernels RSS MB | others CPU % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for k in a["kernels"]:
         for c in a["concurrency"]:
@@ -121,7 +124,7 @@ def markdown(res: dict) -> str:
                 f"| {_pair(x, y, 'p50_ms', 2)} | {_pair(x, y, 'p99_ms', 2)} | {_pair(x, y, 'errors', 0)} "
                 f"| {_pair(x, y, 'wrong_bodies', 0)} | {_pair(x, y, 'server_cpu_ms_per_req', 2)} "
                 f"| {_pair(x, y, 'kernel_cpu_ms_per_req', 2)} | {_pair(x, y, 'server_rss_mb', 0)} "
-                f"| {_pair(x, y, 'kernel_rss_mb', 0)} |")
+                f"| {_pair(x, y, 'kernel_rss_mb', 0)} | {_pair(x, y, 'others_cpu_pct', 0)} |")
     bad = [r for r in res["sweep"] if r.get("sample_bad")]
     if bad:
         lines += ["", "First bad response seen per cell:", ""]
@@ -203,7 +206,7 @@ def plot(res: dict, path: Path) -> None:
         if j == 0:
             bot.legend(fontsize=7)
     fig.suptitle(f"kgpool vs Kernel Gateway 3.0.1, convert notebook ({res['started'][:16]} UTC, "
-                 f"{res['cores']} cores, {res['args']['duration']} s per point)", fontsize=10)
+                 f"{res['cores']} cores, {res['args'].get('rounds', 1)} × {res['args']['duration']} s per point)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
