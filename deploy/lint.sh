@@ -40,7 +40,8 @@ if [ ! -f "$VENV/.tools" ] || [ "$(cat "$VENV/.tools")" != "$TOOLS" ]; then
   echo "$TOOLS" > "$VENV/.tools"
 fi
 export PATH="$VENV/bin:$PATH"
-if ! command -v kubectl >/dev/null; then
+# LINT_DEBIAN_KUBECTL=1 forces that path (to test it on a machine that has kubectl).
+if [ -n "${LINT_DEBIAN_KUBECTL:-}" ] || ! command -v kubectl >/dev/null; then
   if [ ! -x "$VENV/kubectl/usr/bin/kubectl" ]; then
     echo "no kubectl: unpacking Debian's kubernetes-client into $VENV/kubectl"
     # (apt-get download needs the package lists: update once if it cannot find the package)
@@ -165,6 +166,28 @@ sys.exit(1 if errors else 0)
 PY
 }
 run "consistency of the manifests, Dockerfile and compose.yaml" check_consistency
+
+# The adapter's PromQL, with its templates filled in as the adapter does for pods, must parse.
+# (promtool comes with Debian's prometheus package; skipped where it is absent.)
+check_promql() {
+  python3 - "$OUT" <<'PY'
+import pathlib, sys, yaml
+out = pathlib.Path(sys.argv[1])
+cm = yaml.safe_load((out / "adapter.yaml").read_text())
+groups = [{"name": "adapter", "rules": [
+    {"record": f"adapter:rule{i}",
+     "expr": r["metricsQuery"].replace("<<.GroupBy>>", "namespace,pod")
+                              .replace("<<.LabelMatchers>>", 'namespace="ns",pod=~"a|b"')}
+    for i, r in enumerate(yaml.safe_load(cm["data"]["config.yaml"])["rules"])]}]
+(out / "adapter-rules.yml").write_text(yaml.safe_dump({"groups": groups}))
+PY
+  promtool check rules "$OUT/adapter-rules.yml" >/dev/null
+}
+if command -v promtool >/dev/null; then
+  run "promtool: the prometheus-adapter metricsQuery parses" check_promql
+else
+  echo "skip promtool (not installed): the prometheus-adapter metricsQuery is not parsed"
+fi
 # The ConfigMap copy of the notebook must be the one the image bundles.
 run "deploy/kubernetes/notebook/convert.ipynb == deploy/notebooks/convert.ipynb" \
   cmp deploy/kubernetes/notebook/convert.ipynb deploy/notebooks/convert.ipynb
