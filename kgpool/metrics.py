@@ -82,7 +82,7 @@ class Metrics:
         info.labels(__version__, platform.python_version()).set(1)
         for reason in ("crash", "timeout", "recycle"):  # zero series exist before the first event
             self.restarts.labels(reason)
-        for reason in ("queue_full", "draining", "unavailable"):
+        for reason in ("queue_full", "draining", "not_ready"):
             self.rejected.labels(reason)
         self._status: Callable[[], PoolStatus | None] = lambda: None
         registry.register(_PoolCollector(lambda: self._status()))

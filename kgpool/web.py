@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("kgpool.access")
 
 SERVICE = web.AppKey("service", NotebookService)
+CALL = web.RequestKey("call", CallInfo)
+ROUTE = web.RequestKey("route", str)
 RETRY_AFTER = "1"
 OPS_PATHS = ("/healthz", "/readyz", "/metrics", "/_api/spec/swagger.json")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -44,10 +46,10 @@ _STATUS_TABLE: tuple[tuple[type[BaseException], int, str, dict[str, str]], ...] 
     (KernelDied, 502, "kernel_died", {}),
     (QueueFull, 503, "queue_full", {"Retry-After": RETRY_AFTER}),
     (PoolClosed, 503, "draining", {"Retry-After": RETRY_AFTER}),
-    (PoolUnavailable, 503, "unavailable", {"Retry-After": "5"}),
+    (PoolUnavailable, 503, "not_ready", {"Retry-After": "5"}),
     (KernelError, 502, "kernel_error", {}),
 )
-REJECTIONS = frozenset({"queue_full", "draining", "unavailable"})
+REJECTIONS = frozenset({"queue_full", "draining", "not_ready"})
 
 
 def describe(exc: BaseException) -> tuple[int, str, str, dict[str, str]]:
@@ -70,16 +72,16 @@ class NotebookHandler:
         self.service = service
         self.router = Router(service.notebook.endpoints)
 
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         try:
             found = self.router.match(request.rel_url.raw_path)
         except UnicodeDecodeError:
             return error_response(400, "bad_path", "the path is not valid percent-encoded UTF-8")
         if found is None:
-            request["route"] = "unmatched"
+            request[ROUTE] = "unmatched"
             return error_response(404, "not_found", f"no endpoint at {request.path}")
         route, params = found
-        request["route"] = route.path
+        request[ROUTE] = route.path
         endpoint = route.endpoints.get(request.method)
         if endpoint is None:
             allow = ", ".join(route.allowed)
@@ -92,7 +94,7 @@ class NotebookHandler:
             query=tuple(request.rel_url.query.items()),
             params=params,
             headers=tuple(request.headers.items()))
-        info: CallInfo = request["call"]
+        info = request[CALL]
         try:
             reply = await self.service.call(endpoint, data, info)
         except Exception as exc:
@@ -108,7 +110,7 @@ def access_middleware(metrics: Metrics) -> Any:
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.monotonic()
         request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
-        request["call"] = info = CallInfo()
+        request[CALL] = info = CallInfo()
         ops = request.path in OPS_PATHS
         if not ops:
             metrics.in_flight.inc()
@@ -121,7 +123,7 @@ def access_middleware(metrics: Metrics) -> Any:
             raise
         finally:
             elapsed = time.monotonic() - started
-            route = request.get("route", request.path if ops else "unmatched")
+            route = request.get(ROUTE, request.path if ops else "unmatched")
             if not ops:
                 metrics.in_flight.dec()
                 metrics.answered(route, request.method, status, elapsed)
@@ -182,7 +184,7 @@ def create_app(settings: Settings, notebook: Notebook,
     app.router.add_get("/readyz", ops.readyz)
     app.router.add_get("/metrics", ops.metrics)
     app.router.add_get("/_api/spec/swagger.json", ops.swagger)
-    app.router.add_route("*", "/{tail:.*}", NotebookHandler(service))
+    app.router.add_route("*", "/{tail:.*}", NotebookHandler(service).handle)
 
     async def pool_ctx(app: web.Application) -> Any:
         service.begin()

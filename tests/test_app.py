@@ -1,0 +1,74 @@
+"""The aiohttp app in-process (pytest-aiohttp): exact metrics on an injected registry."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+from prometheus_client import CollectorRegistry
+
+from conftest import NOTEBOOKS
+from kgpool.config import Settings
+from kgpool.notebook import load_notebook
+from kgpool.web import SERVICE, create_app
+
+pytestmark = pytest.mark.timeout(90)
+ClientFactory = Callable[[Any], Awaitable[TestClient]]
+
+
+async def make_client(aiohttp_client: ClientFactory, registry: CollectorRegistry,
+                      **settings: Any) -> TestClient:
+    cfg = Settings(notebook=NOTEBOOKS / "kitchen.ipynb", **settings)
+    client = await aiohttp_client(create_app(cfg, load_notebook(cfg.notebook), registry))
+    await client.app[SERVICE].warmed()
+    return client
+
+
+def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    value = registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+async def test_counters_are_exact(aiohttp_client: ClientFactory) -> None:
+    registry = CollectorRegistry()
+    client = await make_client(aiohttp_client, registry, kernels=1, timeout=3)
+    for _ in range(5):
+        assert (await client.get("/state")).status == 200
+    for _ in range(2):
+        assert (await client.get("/raise")).status == 500
+    assert (await client.get("/no/such/thing")).status == 404
+    assert (await client.post("/state")).status == 405
+    assert (await client.get("/loop")).status == 504
+    assert (await client.get("/healthz")).status == 200  # operational paths are not counted
+    total = "kgpool_http_requests_total"
+    assert sample(registry, total, route="/state", method="GET", code="200") == 5
+    assert sample(registry, total, route="/raise", method="GET", code="500") == 2
+    assert sample(registry, total, route="unmatched", method="GET", code="404") == 1
+    assert sample(registry, total, route="/state", method="POST", code="405") == 1
+    assert sample(registry, total, route="/loop", method="GET", code="504") == 1
+    assert sample(registry, "kgpool_http_request_duration_seconds_count",
+                  route="/state", method="GET") == 5
+    assert sample(registry, "kgpool_kernel_restarts_total", reason="timeout") == 1
+    assert sample(registry, "kgpool_kernels_desired") == 1
+    assert sample(registry, "kgpool_requests_in_flight") == 0
+    assert sample(registry, "kgpool_build_info", version=__import__("kgpool").__version__,
+                  python=__import__("platform").python_version()) == 1
+    # the request timeout is a histogram bucket boundary
+    assert sample(registry, "kgpool_http_request_duration_seconds_bucket",
+                  route="/loop", method="GET", le="3.0") == 0
+
+
+async def test_readiness_reflects_the_pool(aiohttp_client: ClientFactory) -> None:
+    registry = CollectorRegistry()
+    client = await make_client(aiohttp_client, registry, kernels=2)
+    body = await (await client.get("/readyz")).json()
+    assert body["status"] == "ready" and body["kernels"]["idle"] == 2
+    assert sample(registry, "kgpool_kernels", state="idle") == 2
+    await client.app[SERVICE].drain(1.0)
+    resp = await client.get("/readyz")
+    assert resp.status == 503 and (await resp.json())["draining"] is True
+    refused = await client.get("/state")
+    assert refused.status == 503 and (await refused.json())["error"] == "draining"
+    assert sample(registry, "kgpool_requests_rejected_total", reason="draining") == 1

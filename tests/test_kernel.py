@@ -1,0 +1,80 @@
+"""Kernel against a real ipykernel: execution, death detection, process-group cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import zmq.asyncio
+
+from conftest import alive, wait_gone
+from kgpool.errors import KernelDied
+from kgpool.kernel import Kernel
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def kernel(tmp_path) -> AsyncIterator[Kernel]:  # type: ignore[no-untyped-def]
+    context = zmq.asyncio.Context()
+    died: list[Kernel] = []
+    k = Kernel("python3", context=context, label="test", on_death=died.append,
+               ipc_dir=str(tmp_path))
+    k.died = died  # type: ignore[attr-defined]
+    await k.start()
+    try:
+        yield k
+    finally:
+        await k.shutdown()
+        context.destroy(linger=0)
+
+
+async def test_execute_collects_stdout_result_and_error(kernel: Kernel) -> None:
+    result = await kernel.execute("print('a', end='')\nprint('b')\n40 + 2")
+    assert result.text == "ab\n" and result.execute_result == {"text/plain": "42"}
+    failed = await kernel.execute("raise KeyError('k')")
+    assert failed.error is not None and failed.error["ename"] == "KeyError"
+    assert (await kernel.execute("print('still fine')")).text == "still fine\n"
+
+
+async def test_no_history_growth(kernel: Kernel) -> None:
+    for _ in range(3):
+        await kernel.execute("x = 1")
+    result = await kernel.execute("print(len(get_ipython().history_manager.input_hist_parsed))")
+    assert int(result.text) <= 1
+
+
+async def test_death_mid_execution_raises_at_once(kernel: Kernel) -> None:
+    started = time.monotonic()
+    with pytest.raises(KernelDied):
+        await kernel.execute("import os, time\ntime.sleep(0.2)\nos._exit(3)")
+    assert time.monotonic() - started < 5
+    assert not kernel.is_alive and kernel.exit_code == 3
+    assert kernel.died == [kernel]  # type: ignore[attr-defined]
+    with pytest.raises(KernelDied):
+        await kernel.execute("1")
+
+
+async def test_sigkill_while_idle_is_reported(kernel: Kernel) -> None:
+    assert kernel.pid is not None
+    os.kill(kernel.pid, signal.SIGKILL)
+    for _ in range(100):
+        if kernel.died:  # type: ignore[attr-defined]
+            break
+        await asyncio.sleep(0.02)
+    assert kernel.died == [kernel]  # type: ignore[attr-defined]
+
+
+async def test_shutdown_kills_the_whole_process_group(kernel: Kernel) -> None:
+    result = await kernel.execute(
+        "import subprocess, sys\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "print(child.pid, end='')")
+    child = int(result.text)
+    assert alive(child)
+    await kernel.shutdown()
+    assert wait_gone([child, kernel.pid or 0], timeout=10) == []
