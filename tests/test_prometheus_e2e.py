@@ -265,8 +265,10 @@ def send_burst(url: str) -> tuple[Counter[tuple[str, str]], str]:
     received and a /metrics exposition taken while one request was waiting in the queue."""
     with ThreadPoolExecutor(max_workers=BURST) as pool:
         futures = [pool.submit(get, f"{url}/sleep?s={BURST_SLEEP}") for _ in range(BURST)]
-        time.sleep(BURST_SLEEP / 2)
-        during = scrape(url)
+        during = scrape(url)  # /metrics never queues: poll it until a request is seen waiting
+        while sample(during, "kgpool_queue_depth") == 0 and not all(f.done() for f in futures):
+            time.sleep(0.02)
+            during = scrape(url)
         codes = Counter(("/sleep", str(f.result()[0])) for f in futures)
     return codes, during
 
