@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import disable_created_metrics
 
 from . import __version__
 from .config import Settings
@@ -171,7 +172,8 @@ async def serve(settings: Settings, notebook: Notebook) -> int:
         if not (drain.done() and drain.result()):
             drain.cancel()
             log.warning("shutdown timeout passed with requests unfinished; stopping anyway")
-        return 0
+        await service.close()  # waiting requests get 503 and running ones end before the
+        return 0               # listener closes, so no client is left without an answer
     finally:
         await runner.cleanup()
         log.info("stopped; all kernels shut down")
@@ -191,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print_routes(load_notebook(args.notebook))
             return 0
         settings = settings_from(args, os.environ)
+        disable_created_metrics()  # *_created series double the count and nobody graphs them
         configure_logging(settings.log_format, settings.log_level)
         notebook = load_notebook(settings.notebook)
         for warning in notebook.warnings:

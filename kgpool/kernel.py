@@ -113,6 +113,11 @@ class Kernel:
             self._on_death(self)
 
     @property
+    def died(self) -> asyncio.Future[KernelDied]:
+        """Resolves (with the KernelDied error as its value) when the process exits."""
+        return self._died
+
+    @property
     def is_alive(self) -> bool:
         return self.pid is not None and not self._died.done()
 
@@ -135,19 +140,22 @@ class Kernel:
 
     async def shutdown(self) -> None:
         """Ask politely, then kill the kernel's whole process group; never raises."""
-        for task in self._readers:
-            task.cancel()
-        if self._ready and self._km is not None and self._km.has_kernel and self.is_alive:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._km.shutdown_kernel(now=False), SHUTDOWN_GRACE + 2)
-        self.kill()
-        if self._km is not None:
-            with contextlib.suppress(Exception):
-                await self._km.shutdown_kernel(now=True)
-        for sock in (self._shell, self._iopub):
-            if sock is not None:
-                sock.close(linger=0)
-        self._shell = self._iopub = None
+        try:
+            for task in self._readers:
+                task.cancel()
+            if self._ready and self._km is not None and self._km.has_kernel and self.is_alive:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._km.shutdown_kernel(now=False),
+                                           SHUTDOWN_GRACE + 2)
+        finally:
+            self.kill()  # first thing in finally: even a cancelled shutdown leaves no process
+            for sock in (self._shell, self._iopub):
+                if sock is not None:
+                    sock.close(linger=0)
+            self._shell = self._iopub = None
+            if self._km is not None:
+                with contextlib.suppress(Exception):
+                    await self._km.shutdown_kernel(now=True)
 
     def kill(self) -> None:
         """SIGKILL the kernel's process group (the kernel and anything it spawned)."""

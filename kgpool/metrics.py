@@ -38,7 +38,7 @@ class _PoolCollector(Collector):
         depth.add_metric([], status.queued)
         kernels = GaugeMetricFamily("kgpool_kernels", "Kernels by state.", labels=["state"])
         for state, count in (("starting", status.starting), ("idle", status.idle),
-                             ("busy", status.busy)):
+                             ("busy", status.busy), ("stopping", status.stopping)):
             kernels.add_metric([state], count)
         desired = GaugeMetricFamily("kgpool_kernels_desired", "Kernels the pool keeps warm.")
         desired.add_metric([], status.desired)
@@ -80,7 +80,7 @@ class Metrics:
         info = Gauge("kgpool_build_info", "kgpool build information.",
                      ["version", "python"], registry=registry)
         info.labels(__version__, platform.python_version()).set(1)
-        for reason in ("crash", "timeout", "recycle"):  # zero series exist before the first event
+        for reason in ("crash", "timeout", "recycle", "init_failed"):  # zero series exist before the first event
             self.restarts.labels(reason)
         for reason in ("queue_full", "draining", "not_ready"):
             self.rejected.labels(reason)

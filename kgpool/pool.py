@@ -53,6 +53,7 @@ class PoolStatus:
     starting: int
     idle: int
     busy: int
+    stopping: int
     queued: int
     draining: bool
     failing: tuple[str, ...]
@@ -77,7 +78,9 @@ class KernelPool:
         self._waiters: deque[asyncio.Future[Lease]] = deque()
         self._starting: dict[int, str] = {}  # slot -> why (start, crash, timeout, recycle)
         self._failing: dict[int, str] = {}  # slot -> last warm-up error
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._warming: set[asyncio.Task[None]] = set()  # replacements being warmed
+        self._tasks: set[asyncio.Task[None]] = set()  # shutdowns: awaited, never cancelled
+        self._stopping = 0  # kernels being shut down
         self._draining = False
         self._closed = False
         self._started = False
@@ -87,7 +90,7 @@ class KernelPool:
 
     def status(self) -> PoolStatus:
         return PoolStatus(self.size, len(self._starting), len(self._idle), len(self._busy),
-                          len(self._waiters), self._draining or self._closed,
+                          self._stopping, len(self._waiters), self._draining or self._closed,
                           tuple(self._failing.values()))
 
     @property
@@ -134,13 +137,15 @@ class KernelPool:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(PoolClosed("kgpool is shutting down"))
-        for task in list(self._tasks):
+        for task in list(self._warming):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        leases = list(self._idle) + list(self._busy)
+        await asyncio.gather(*self._warming, return_exceptions=True)
+        for lease in list(self._idle) + list(self._busy):
+            self._stop(lease)
         self._idle.clear()
         self._busy.clear()
-        await asyncio.gather(*(lease.kernel.shutdown() for lease in leases))
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # ----- lending -----------------------------------------------------------------------
 
@@ -149,6 +154,7 @@ class KernelPool:
         if self._draining or self._closed:
             raise PoolClosed("kgpool is shutting down")
         if self._idle and not self._waiters:
+            self._listener.queue_waited(0.0)
             return self._lend(self._idle.popleft())
         if self._started and not self._idle and not self._busy and self._failing:
             raise PoolUnavailable("no warm kernel: " + "; ".join(self._failing.values()))
@@ -187,6 +193,8 @@ class KernelPool:
 
     def release(self, lease: Lease, outcome: str = "ok") -> None:
         """Take a kernel back. Anything but "ok" means its state is unknown: replace it."""
+        if lease not in self._busy:
+            return  # close() took it already
         self._busy.discard(lease)
         if outcome != "ok":
             self._replace(lease, outcome)
@@ -202,7 +210,7 @@ class KernelPool:
 
     def _hand_out(self, lease: Lease) -> None:
         if self._closed:
-            self._track(lease.kernel.shutdown())
+            self._stop(lease)
             return
         while self._waiters:
             waiter = self._waiters.popleft()
@@ -212,7 +220,7 @@ class KernelPool:
         self._idle.append(lease)
 
     def _notify_if_quiet(self) -> None:
-        if not self._busy or not self._waiters:
+        if not self._busy and not self._waiters:
             self._idle_event.set()
 
     # ----- supervision -------------------------------------------------------------------
@@ -226,7 +234,7 @@ class KernelPool:
         log.warning("kernel slot %d (pid %s) replaced: %s", lease.slot, lease.kernel.pid, reason)
         if reason != "recycle":
             lease.kernel.kill()  # its state is unknown and it may be spinning: no grace
-        self._track(lease.kernel.shutdown())
+        self._stop(lease)
         if lease.retiring and lease.slot in self._starting:
             return  # a recycle replacement for this slot is already warming
         self._start_replacement(lease.slot, reason)
@@ -236,14 +244,16 @@ class KernelPool:
             self._idle.remove(lease)
         log.info("kernel slot %d (pid %s) retired after %d requests",
                  lease.slot, lease.kernel.pid, lease.served)
-        self._track(lease.kernel.shutdown())
+        self._stop(lease)
 
     def _start_replacement(self, slot: int, reason: str, old: Lease | None = None) -> None:
         if self._closed or self._draining:
             return
         self._listener.kernel_restarted(reason)
         self._starting[slot] = reason
-        self._track(self._warm_replacement(slot, old))
+        task = asyncio.ensure_future(self._warm_replacement(slot, old))
+        self._warming.add(task)
+        task.add_done_callback(self._warming.discard)
 
     async def _warm_replacement(self, slot: int, old: Lease | None) -> None:
         failures = 0
@@ -255,6 +265,7 @@ class KernelPool:
                 raise
             except Exception as exc:
                 failures += 1
+                self._listener.kernel_restarted("init_failed")
                 delay = min(BACKOFF_FIRST * 2 ** (failures - 1), BACKOFF_MAX)
                 self._failing[slot] = f"slot {slot}: {exc}"
                 log.error("kernel slot %d failed to warm (attempt %d), retrying in %.1fs: %s",
@@ -288,6 +299,16 @@ class KernelPool:
         if not kernel.is_alive:  # died between warm-up and now
             raise InitError(f"kernel for slot {slot} died right after warm-up")
         return lease
+
+    def _stop(self, lease: Lease) -> None:
+        self._stopping += 1
+        self._track(self._shutdown(lease.kernel))
+
+    async def _shutdown(self, kernel: Kernel) -> None:
+        try:
+            await kernel.shutdown()
+        finally:
+            self._stopping -= 1
 
     def _track(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)

@@ -89,6 +89,7 @@ class NotebookService:
         if self._warm is not None:
             await asyncio.gather(self._warm, return_exceptions=True)
         await self.pool.close()
+        await asyncio.gather(*self._runs, return_exceptions=True)
         self._context.destroy(linger=0)
         shutil.rmtree(self._ipc_dir, ignore_errors=True)
 
@@ -179,10 +180,6 @@ class NotebookService:
         finally:
             self.pool.release(lease, outcome)
             self.metrics.executed(endpoint.path, time.monotonic() - started)
-
-    async def close_runs(self) -> None:
-        await asyncio.gather(*self._runs, return_exceptions=True)
-
 
 def _execution_error(error: dict[str, Any]) -> ExecutionError:
     return ExecutionError(str(error.get("ename", "Error")), str(error.get("evalue", "")),
