@@ -36,8 +36,9 @@ LOGS = RESULTS / "logs"
 LUA = HERE / "check.lua"
 EXPECTED = '{"convertedAngle": 3.141592653589793}\n'
 PATH_Q = "/convert?angle=180"
-SERVERS = ("kgpool", "kg")
-LABEL = {"kgpool": "kgpool", "kg": "Kernel Gateway 3.0.1"}
+# server kinds: kgpool with its default channel, kgpool with an explicit --channel, Kernel Gateway
+KGPOOL_ARGS = {"kgpool": [], "kgpool-direct": ["--channel", "direct"], "kgpool-jupyter": ["--channel", "jupyter"]}
+SERVERS = (*KGPOOL_ARGS, "kg")
 
 DEV_NOTEBOOK = {
     "cells": [
@@ -91,9 +92,9 @@ class Server:
         self.port = free_port()
         self.runtime = tempfile.mkdtemp(prefix=f"kgbench-{kind}-")
         env = dict(os.environ, JUPYTER_RUNTIME_DIR=self.runtime, PYTHONUNBUFFERED="1")
-        if kind == "kgpool":
+        if kind in KGPOOL_ARGS:
             cmd = [str(VENV_BENCH / "bin" / "kgpool"), "serve", str(notebook), "--kernels", str(kernels),
-                   "--host", "127.0.0.1", "--port", str(self.port)]
+                   "--host", "127.0.0.1", "--port", str(self.port), *KGPOOL_ARGS[kind]]
             env["PATH"] = f"{VENV_BENCH / 'bin'}:{env.get('PATH', '')}"
         else:
             cmd = [str(VENV_KG / "bin" / "jupyter-kernelgateway"),
@@ -120,7 +121,7 @@ class Server:
         while time.monotonic() < deadline:
             if not self.proc.running():
                 raise RuntimeError(f"{self.kind} exited with {self.proc.proc.returncode}; see {self.proc.log_path}")
-            if self.kind == "kgpool":
+            if self.kind in KGPOOL_ARGS:
                 if self.ready_s is None and http_get(self.port, "/readyz", 1.0)[0] == 200:
                     self.ready_s = time.monotonic() - self.t0
                 if self.ready_s is not None and self.first_body_s is None:
@@ -260,7 +261,7 @@ def phase_startup(args, nb: Path, servers: list[str]) -> list[dict]:
     return out
 
 
-def phase_sweep(args, nb: Path, servers: list[str]) -> tuple[list[dict], dict]:
+def phase_sweep(args, nb: Path, servers: list[str], floor_rows: list[dict]) -> tuple[list[dict], dict]:
     rows: list[dict] = []
     exes: dict[str, list[str]] = {}
     for k in args.kernels:
@@ -275,18 +276,36 @@ def phase_sweep(args, nb: Path, servers: list[str]) -> tuple[list[dict], dict]:
                 run_wrk(live[kind].port, max(4, k), args.warmup, args.threads)
             for i, c in enumerate(args.concurrency):
                 got: dict[str, list[dict]] = {kind: [] for kind in servers}
+                with_floor = k == args.floor_kernels and c in args.floor_concurrency and "floor" not in args.skip
+                fl: list[dict] = []
                 for rnd in range(args.rounds):  # A B, then B A: drift and bursts hit both
-                    order = servers if (i + rnd) % 2 == 0 else servers[::-1]
+                    order = list(servers) + (["floor"] if with_floor else [])
+                    order = order if (i + rnd) % 2 == 0 else order[::-1]
                     for kind in order:
+                        if kind == "floor":
+                            f = inline_floor(args, c, rnd)
+                            if f:
+                                fl.append(f)
+                            continue
                         m = measure(live[kind], c, args.duration, args.threads)
                         m["order"] = order.index(kind)
                         got[kind].append(m)
                         if m["kernel_procs"] != k:
                             log(f"WARNING {kind} has {m['kernel_procs']} kernel processes, expected {k}")
+                if fl:
+                    n = sum(f["requests"] for f in fl)
+                    rps = n / sum(f["requests"] / f["rps"] for f in fl)
+                    floor_rows.append({"kernels": k, "concurrency": c, "mode": "one", "rps": rps,
+                                       "p50_ms": statistics.median(f["p50_ms"] for f in fl),
+                                       "p99_ms": statistics.median(f["p99_ms"] for f in fl),
+                                       "errors": sum(f["errors"] for f in fl),
+                                       "wrong_bodies": sum(f["wrong_bodies"] for f in fl), "rounds": fl})
+                    log(f"K={k} c={c:<3} {'floor':<14} {rps:8.1f} req/s  p50 {floor_rows[-1]['p50_ms']:7.2f} ms "
+                        "(jupyter_client, one execute, in rotation)")
                 for kind in servers:
                     r = merge(got[kind])
                     rows.append(r)
-                    log(f"K={k} c={c:<3} {kind:<7} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.2f} ms  "
+                    log(f"K={k} c={c:<3} {kind:<14} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.2f} ms  "
                         f"p99 {r['p99_ms']:7.2f} ms  err {r['errors']} wrong {r['wrong_bodies']}  "
                         f"cpu srv {r['server_cpu_ms_per_req']:.2f} ker {r['kernel_cpu_ms_per_req']:.2f} ms/req  "
                         f"others {r['others_cpu_pct']:.0f}%"
@@ -297,15 +316,15 @@ def phase_sweep(args, nb: Path, servers: list[str]) -> tuple[list[dict], dict]:
     return rows, exes
 
 
-def phase_floor(args) -> dict | None:
+def run_floor(args, modes: str, concs: list[int], duration: int, tag: str) -> dict | None:
+    """Runs floor.py (its own kernels, in its own session); returns its JSON or None."""
     py = VENV_KG / "bin" / "python"
-    cmd = [str(py), str(HERE / "floor.py"), "--kernels", str(args.floor_kernels),
-           "--concurrency", ",".join(map(str, args.floor_concurrency)), "--duration", str(args.floor_duration)]
-    out_path = LOGS / "floor.out"
-    m = procs.Managed("floor", cmd, str(LOGS / "floor.log"))
-    # stdout and stderr both go to floor.log; the final line is the JSON result
+    cmd = [str(py), str(HERE / "floor.py"), "--kernels", str(args.floor_kernels), "--modes", modes,
+           "--concurrency", ",".join(map(str, concs)), "--duration", str(duration)]
+    m = procs.Managed("floor", cmd, str(LOGS / f"{tag}.log"))
+    # stdout and stderr both go to the log; the final line is the JSON result
     try:
-        deadline = time.monotonic() + 6 * len(args.floor_concurrency) * (args.floor_duration + 2) + 120
+        deadline = time.monotonic() + len(modes.split(",")) * len(concs) * (duration + 2) + 120
         while m.running() and time.monotonic() < deadline:
             m.refresh()
             time.sleep(0.2)
@@ -313,13 +332,21 @@ def phase_floor(args) -> dict | None:
             raise RuntimeError("floor.py timed out")
     finally:
         m.stop()
-    lines = Path(m.log_path).read_text().splitlines()
-    for line in reversed(lines):
+    for line in reversed(Path(m.log_path).read_text().splitlines()):
         if line.startswith('{"results"'):
-            out_path.write_text(line + "\n")
             return json.loads(line)
     log(f"floor.py failed (exit {m.proc.returncode}); see {m.log_path}")
     return None
+
+
+def phase_floor(args) -> dict | None:
+    return run_floor(args, "two,one,pass", args.floor_concurrency, args.floor_duration, "floor")
+
+
+def inline_floor(args, c: int, rnd: int) -> dict | None:
+    """The one-execute floor for one sweep cell, run in the same A B F / F B A rotation."""
+    out = run_floor(args, "one", [c], args.duration, f"floor-inline-c{c}-r{rnd}")
+    return out["results"][0] if out else None
 
 
 def versions() -> dict:
@@ -335,11 +362,27 @@ def versions() -> dict:
         "wrk": " ".join(run(["wrk", "--version"]).split()[:2]),
         "python": sys.version.split()[0],
         "git": run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
+        "dirty": bool(run(["git", "-C", str(REPO), "status", "--porcelain", "--", "kgpool", "pyproject.toml"])),
     }
     if (VENV_BENCH / "bin" / "kgpool").exists():
         v["kgpool"] = run([str(VENV_BENCH / "bin" / "kgpool"), "--version"])
         v["bench_venv"] = run([str(VENV_BENCH / "bin" / "python"), "-c", probe % ["jupyter_client", "ipykernel", "pyzmq"]])
     return v
+
+
+def pick_servers(spec: str) -> list[str]:
+    exe = VENV_BENCH / "bin" / "kgpool"
+    if spec == "auto":
+        spec = "kgpool,kg"
+        if exe.exists():
+            helptext = subprocess.run([str(exe), "serve", "--help"], capture_output=True, text=True).stdout
+            if "--channel" in helptext:
+                spec = "kgpool-direct,kgpool-jupyter,kg"
+    servers = [s for s in spec.split(",") if s in SERVERS]
+    if not exe.exists() and any(s in KGPOOL_ARGS for s in servers):
+        log("kgpool is not installed in .venv-bench: measuring Kernel Gateway only")
+        servers = [s for s in servers if s not in KGPOOL_ARGS]
+    return servers
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -358,7 +401,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--floor-kernels", type=int, default=2)
     p.add_argument("--floor-concurrency", type=ints, default=[1, 16])
     p.add_argument("--floor-duration", type=float, default=None)
-    p.add_argument("--servers", default="kgpool,kg", help="which servers (kgpool,kg)")
+    p.add_argument("--servers", default="auto",
+                   help="comma list from kgpool, kgpool-direct, kgpool-jupyter, kg; auto = kgpool-direct,"
+                        "kgpool-jupyter,kg when kgpool has --channel, else kgpool,kg")
     p.add_argument("--skip", default="", help="phases to skip: startup,sweep,floor")
     a = p.parse_args(argv)
     q = a.quick
@@ -377,10 +422,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     LOGS.mkdir(parents=True, exist_ok=True)
     nb, dev_nb = notebook_path()
-    servers = [s for s in args.servers.split(",") if s in SERVERS]
-    if "kgpool" in servers and not (VENV_BENCH / "bin" / "kgpool").exists():
-        log("kgpool is not installed in .venv-bench: measuring Kernel Gateway only")
-        servers.remove("kgpool")
+    servers = pick_servers(args.servers)
     skip = set(args.skip.split(","))
     started = dt.datetime.now(dt.timezone.utc)
     result: dict = {
@@ -391,7 +433,9 @@ def main(argv: list[str]) -> int:
     log(f"notebook {result['notebook']}; servers {servers}; kernels {args.kernels}; "
         f"concurrency {args.concurrency}; {args.duration}s per run")
     result["startup"] = [] if "startup" in skip else phase_startup(args, nb, servers)
-    result["sweep"], result["kernel_executables"] = ([], {}) if "sweep" in skip else phase_sweep(args, nb, servers)
+    result["floor_inline"] = []
+    result["sweep"], result["kernel_executables"] = (
+        ([], {}) if "sweep" in skip else phase_sweep(args, nb, servers, result["floor_inline"]))
     result["floor"] = None if "floor" in skip else phase_floor(args)
     result["loadavg_end"] = os.getloadavg()
     result["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

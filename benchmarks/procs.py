@@ -109,7 +109,7 @@ class Managed:
         self.name = name
         self.cmd = cmd
         self.log_path = log_path
-        self.log = open(log_path, "ab")
+        self.log = open(log_path, "wb")
         self.seen: set[Key] = set()
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen(
