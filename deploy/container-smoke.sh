@@ -5,12 +5,14 @@
 #
 # Checks: GET /convert?angle=180 returns exactly {"convertedAngle": 3.141592653589793}; the
 # image's HEALTHCHECK passes; the process is not root; KGPOOL_* environment variables reach
-# `kgpool serve`; dumb-init is PID 1 with kgpool and its kernels below it; SIGTERM drains and
-# exits 0, and no process of the container outlives it. The container is always removed.
+# `kgpool serve`; dumb-init is PID 1 with kgpool and its kernels below it; SIGTERM exits 0 and
+# no process of the container outlives it; kgpool stops its kernels itself; a notebook mounted
+# and named by KGPOOL_NOTEBOOK is served, and SIGTERM during a request lets it finish (200)
+# while new ones get 503. Containers are always removed.
 #
 # For a root Debian bookworm machine with apt and PyPI but no image registry (CI here):
 #   bash deploy/container-smoke.sh
-# Env: WORK (/tmp/kgpool-ctr: podman storage, base rootfs, logs)  HOST_PORT (18931)
+# Env: WORK (/tmp/kgpool-ctr: podman storage, base rootfs, logs)  HOST_PORT (18931, and +1)
 #      IMAGE (localhost/kgpool:ci)  BASE_TAG (localhost/python-standin:3.11-bookworm)
 #      KERNELS (2)  STOP_TIMEOUT (45: seconds to wait for the drain, > --shutdown-timeout)
 # Background and measured costs: shared/reference/containers.md (same recipe as
@@ -115,13 +117,18 @@ podman image inspect --format '{{.Id}} {{.Size}} bytes; healthcheck: {{.Config.H
 step "run (read-only rootfs, tmpfs /tmp, cap-drop ALL, KGPOOL_KERNELS=$KERNELS)"
 name="kgpool-smoke-$$"
 cid=""
+cid2=""
 cleanup() {
-  if [ -n "$cid" ]; then podman rm -f -t 3 "$cid" >/dev/null 2>&1 || true; fi
+  for c in "$cid" "$cid2"; do
+    if [ -n "$c" ]; then podman rm -f -t 3 "$c" >/dev/null 2>&1 || true; fi
+  done
 }
 trap cleanup EXIT
 # (SO_REUSEADDR, as servers use: connections of an earlier run may linger in TIME_WAIT)
-python3 -c "import socket as S,sys; s=S.socket(); s.setsockopt(S.SOL_SOCKET, S.SO_REUSEADDR, 1); s.bind(('127.0.0.1', int(sys.argv[1])))" "$HOST_PORT" \
-  || fail "port 127.0.0.1:$HOST_PORT is taken; set HOST_PORT"
+for p in "$HOST_PORT" $((HOST_PORT + 1)); do
+  python3 -c "import socket as S,sys; s=S.socket(); s.setsockopt(S.SOL_SOCKET, S.SO_REUSEADDR, 1); s.bind(('127.0.0.1', int(sys.argv[1])))" "$p" \
+    || fail "port 127.0.0.1:$p is taken; set HOST_PORT (it and the next port are used)"
+done
 # (podman prints harmless "unable to get systemd connection" errors: no systemd timers here)
 cid=$(podman run -d --name "$name" -p "127.0.0.1:${HOST_PORT}:8888" \
         --read-only --read-only-tmpfs=false --tmpfs /tmp:rw,mode=1777,size=64m \
@@ -246,7 +253,52 @@ sys.exit(1 if p.returncode != 0 or left or not kernels or not json_lines or othe
 PY
 step "kgpool stops its own kernels; KGPOOL_LOG_FORMAT=json"
 
-# ---- 11. the image also runs the other CLI verbs (entrypoint does not force `serve`).
+# ---- 11. a mounted notebook chosen by KGPOOL_NOTEBOOK, and SIGTERM while a request runs:
+#          the running request still gets its answer, a new one gets 503, exit code 0.
+nbdir="$WORK/notebooks"; mkdir -p "$nbdir"
+cat > "$nbdir/slow.ipynb" <<'NB'
+{"cells": [
+ {"cell_type": "code", "execution_count": null, "id": "init", "metadata": {}, "outputs": [], "source": "import time"},
+ {"cell_type": "code", "execution_count": null, "id": "slow", "metadata": {}, "outputs": [], "source": "# GET /slow\ntime.sleep(3)\nprint('done')"}
+], "metadata": {"kernelspec": {"display_name": "python3", "language": "python", "name": "python3"}}, "nbformat": 4, "nbformat_minor": 5}
+NB
+chmod -R a+rX "$nbdir"
+port2=$((HOST_PORT + 1))
+cid2=$(podman run -d --name "$name-drain" -p "127.0.0.1:${port2}:8888" \
+        --read-only --read-only-tmpfs=false --tmpfs /tmp:rw,mode=1777,size=64m --cap-drop=ALL \
+        -v "$nbdir:/notebooks:ro" -e KGPOOL_NOTEBOOK=/notebooks/slow.ipynb -e KGPOOL_KERNELS=1 \
+        "$IMAGE" 2>"$WORK/run3.err") || { cat "$WORK/run3.err"; fail "podman run (mounted notebook)"; }
+cid_main=$cid; cid=$cid2; base="http://127.0.0.1:${port2}"
+wait_200 /readyz 60
+python3 - "$base" "$cid2" <<'PY' || { dump_logs; fail "drain under SIGTERM"; }
+import subprocess, sys, threading, time, urllib.error, urllib.request
+base, cid = sys.argv[1], sys.argv[2]
+def get(path, box):
+    try:
+        with urllib.request.urlopen(base + path, timeout=30) as r:
+            box.append((r.status, r.read().decode().strip()))
+    except urllib.error.HTTPError as e:
+        box.append((e.code, e.read().decode().strip()))
+    except Exception as e:
+        box.append((0, repr(e)))
+running = []
+t = threading.Thread(target=get, args=("/slow", running)); t.start()
+time.sleep(1.0)                       # the request is now inside the kernel
+t0 = time.monotonic()
+subprocess.run(["podman", "kill", "--signal", "TERM", cid], check=True, capture_output=True)
+time.sleep(0.3)
+late = []; get("/slow", late)         # arrives while draining
+t.join()
+code = subprocess.run(["podman", "wait", cid], capture_output=True, text=True).stdout.strip()
+print(f"running request -> {running[0]}; request during drain -> {late[0][0]}; "
+      f"exit code {code} after {time.monotonic() - t0:.1f}s")
+ok = running[0] == (200, "done") and late[0][0] in (503, 0) and code == "0"
+sys.exit(0 if ok else 1)
+PY
+cid=$cid_main
+step "mounted notebook via KGPOOL_NOTEBOOK; SIGTERM mid-request drains it"
+
+# ---- 12. the image also runs the other CLI verbs (entrypoint does not force `serve`).
 routes=$(podman run --rm --read-only "$IMAGE" kgpool routes /app/notebooks/convert.ipynb 2>/dev/null)
 echo "$routes"
 grep -q '/convert' <<<"$routes" || fail "kgpool routes did not list /convert"
