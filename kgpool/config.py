@@ -10,6 +10,7 @@ from typing import Any
 from .errors import ConfigError
 
 LOG_FORMATS = ("text", "json")
+CHANNELS = ("direct", "jupyter")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -46,6 +47,10 @@ class Settings:
     init_timeout: float = _opt(
         120.0, "seconds a kernel may take to start and run the init cells"
     )
+    channel: str = _opt(
+        "direct", "how requests reach Python kernels: direct (endpoint cells compiled at "
+        "warm-up, called over a private socket) or jupyter (one execute_request each)",
+        choices=CHANNELS)
     log_format: str = _opt("text", "log line format: text or json", choices=LOG_FORMATS)
     log_level: str = _opt("info", "log level", choices=LOG_LEVELS)
 
@@ -61,6 +66,8 @@ class Settings:
                 raise ConfigError(f"{flag} must not be negative, not {getattr(self, name)}")
         if self.init_timeout <= 0:
             raise ConfigError(f"--init-timeout must be positive, not {self.init_timeout}")
+        if self.channel not in CHANNELS:
+            raise ConfigError(f"--channel must be one of {', '.join(CHANNELS)}")
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
         if self.log_level not in LOG_LEVELS:

@@ -14,10 +14,10 @@ from typing import Any
 import zmq
 import zmq.asyncio
 from jupyter_client.manager import AsyncKernelManager
-from jupyter_client.session import Session
 
 from .errors import KernelDied, KernelError
 from .outputs import ExecutionResult
+from .wire import Wire
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class Kernel:
         self._cwd = cwd
         self._ipc_dir = ipc_dir
         self._km: AsyncKernelManager | None = None
-        self._session: Session | None = None
+        self._wire: Wire | None = None
         self._shell: Any = None
         self._iopub: Any = None
         self._readers: list[asyncio.Task[None]] = []
@@ -69,7 +69,9 @@ class Kernel:
             raise KernelError("kgpool needs a local kernel process to supervise")
         self.pid = process.pid
         self._watch_process()
-        self._session = self._km.session
+        session = self._km.session
+        self._wire = Wire(session.key, session.session, session.username,
+                          session.signature_scheme)
         self._shell = self._km.connect_shell()
         self._iopub = self._km.connect_iopub()
         self._readers = [asyncio.create_task(self._read_iopub(), name=f"{self.label}-iopub"),
@@ -123,11 +125,11 @@ class Kernel:
 
     async def _wait_ready(self) -> None:
         """Kernel info on shell until iopub delivers too: SUB sockets miss early messages."""
-        assert self._session is not None
+        assert self._wire is not None
         for _ in range(600):
-            msg = self._session.msg("kernel_info_request")
-            waiter = self._expect(msg["header"]["msg_id"])
-            self._session.send(self._shell, msg)
+            msg_id, frames = self._wire.request("kernel_info_request", {})
+            waiter = self._expect(msg_id)
+            await self._shell.send_multipart(frames)
             try:
                 await asyncio.wait_for(asyncio.shield(waiter), 0.5)
                 return
@@ -179,12 +181,12 @@ class Kernel:
             raise self._died.result()
         if self._pending is not None:
             raise KernelError(f"{self.label} is already running code")
-        assert self._session is not None
-        msg = self._session.msg("execute_request", content={
+        assert self._wire is not None
+        msg_id, frames = self._wire.request("execute_request", {
             "code": code, "silent": silent, "store_history": False,
             "user_expressions": {}, "allow_stdin": False, "stop_on_error": True})
-        waiter = self._expect(msg["header"]["msg_id"])
-        self._session.send(self._shell, msg)
+        waiter = self._expect(msg_id)
+        await self._shell.send_multipart(frames, copy=False)
         try:
             return await waiter
         finally:
@@ -196,21 +198,22 @@ class Kernel:
         return waiter
 
     async def _read_iopub(self) -> None:
-        assert self._session is not None
-        session, sock = self._session, self._iopub
+        assert self._wire is not None
+        wire, sock = self._wire, self._iopub
         while True:
-            parts = await sock.recv_multipart(copy=True)
+            frames = await sock.recv_multipart(copy=True)
+            pending = self._pending
+            if pending is None:
+                continue
             try:
-                _, msg_list = session.feed_identities(parts, copy=True)
-                msg = session.deserialize(msg_list, content=True, copy=True)
-            except Exception:  # a malformed or unsigned message must not stop the reader
+                found = wire.reply_to(frames, pending[0].encode())
+            except (ValueError, KeyError, TypeError):  # malformed: never stop the reader
                 log.warning("%s: dropped an unreadable iopub message", self.label)
                 continue
-            pending = self._pending
-            if pending is None or msg["parent_header"].get("msg_id") != pending[0]:
+            if found is None:
                 continue
             result = pending[1]
-            result.feed(msg["header"]["msg_type"], msg["content"])
+            result.feed(*found)
             if result.done and not pending[2].done():
                 pending[2].set_result(result)
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
+import uuid
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,8 +21,10 @@ from .config import Settings
 from .errors import (
     ExecutionError, ExecutionTimeout, InitError, KernelDied, KernelError, ResponseInfoError,
 )
+from .direct import DirectChannel
 from .kernel import Kernel
 from .metrics import Metrics
+from .outputs import ExecutionResult
 from .notebook import Endpoint, Notebook, RequestData, bind_request, request_document
 from .pool import KernelPool, Lease, PoolStatus
 
@@ -60,6 +65,9 @@ class NotebookService:
                                max_requests_jitter=settings.max_requests_jitter,
                                listener=metrics)
         metrics.watch_pool(self.pool.status)
+        self._index = {ep: i for i, ep in enumerate(notebook.endpoints)}
+        self._direct: weakref.WeakKeyDictionary[Kernel, DirectChannel] = \
+            weakref.WeakKeyDictionary()
         self._warm: asyncio.Task[None] | None = None
         self._runs: set[asyncio.Task[Reply]] = set()
 
@@ -90,6 +98,8 @@ class NotebookService:
             await asyncio.gather(self._warm, return_exceptions=True)
         await self.pool.close()
         await asyncio.gather(*self._runs, return_exceptions=True)
+        for channel in list(self._direct.values()):
+            channel.close()
         self._context.destroy(linger=0)
         shutil.rmtree(self._ipc_dir, ignore_errors=True)
 
@@ -110,6 +120,8 @@ class NotebookService:
                             f"{result.error.get('ename')}: {result.error.get('evalue')}",
                             cell.index)
                 self.metrics.kernel_warmed(booted - started, time.monotonic() - booted)
+                cell = None
+                await self._open_direct(kernel)
         except BaseException as exc:
             await kernel.shutdown()
             where = f" in init cell {cell.index} ({cell.first_line!r})" if cell else ""
@@ -123,6 +135,22 @@ class NotebookService:
                 raise InitError(str(exc)) from None
             raise
         return kernel
+
+    async def _open_direct(self, kernel: Kernel) -> None:
+        if self.settings.channel != "direct" or self.notebook.language != "python":
+            return
+        path = os.path.join(self._ipc_dir, f"d{uuid.uuid4().hex[:12]}.sock")
+        cells = [(ep.source, ep.response_source) for ep in self.notebook.endpoints]
+        try:
+            channel = await DirectChannel.open(kernel, path, cells)
+        except (KernelError, OSError, ValueError) as exc:
+            log.warning("%s: direct channel unavailable, using the Jupyter channel: %s",
+                        kernel.label, exc)
+            return
+        for index, reason in channel.refused.items():
+            ep = self.notebook.endpoints[index]
+            log.info("%s %s runs on the Jupyter channel: %s", ep.method, ep.path, reason)
+        self._direct[kernel] = channel
 
     # ----- requests ------------------------------------------------------------------------
 
@@ -139,29 +167,41 @@ class NotebookService:
         finally:
             info.queue_wait = loop.time() - queued
         info.slot, info.kernel_pid = lease.slot, lease.kernel.pid
-        code = bind_request(self.notebook.language, request_document(request)) + endpoint.source
         # Once a kernel runs the cell, a client that goes away no longer cancels it: the
         # cell finishes (within the deadline) and the kernel returns to the pool clean.
-        run = asyncio.create_task(self._run(lease, endpoint, code, deadline))
+        run = asyncio.create_task(self._run(lease, endpoint, request_document(request),
+                                            deadline))
         self._runs.add(run)
         run.add_done_callback(self._runs.discard)
         return await asyncio.shield(run)
 
-    async def _run(self, lease: Lease, endpoint: Endpoint, code: str,
+    async def _execute(self, kernel: Kernel, endpoint: Endpoint,
+                       request: str) -> tuple[ExecutionResult, ExecutionResult | None]:
+        """The endpoint's result and its ResponseInfo result, by the cheapest channel."""
+        index = self._index[endpoint]
+        channel = self._direct.get(kernel)
+        if channel is not None and channel.serves(index):
+            return await channel.call(index, request)
+        code = bind_request(self.notebook.language, request) + endpoint.source
+        result = await kernel.execute(code)
+        if result.error is not None or endpoint.response_source is None:
+            return result, None
+        return result, await kernel.execute(endpoint.response_source)
+
+    async def _run(self, lease: Lease, endpoint: Endpoint, request: str,
                    deadline: float | None) -> Reply:
         outcome = "ok"
         started = time.monotonic()
         try:
             async with asyncio.timeout_at(deadline):
-                result = await lease.kernel.execute(code)
-                if result.error is not None:
-                    raise _execution_error(result.error)
-                reply = Reply(body=result.text.encode("utf-8", errors="replace"))
-                if endpoint.response_source is not None:
-                    info = await lease.kernel.execute(endpoint.response_source)
-                    if info.error is not None:
-                        raise _execution_error(info.error)
-                    _apply_response_info(reply, info.text)
+                result, info = await self._execute(lease.kernel, endpoint, request)
+            if result.error is not None:
+                raise _execution_error(result.error)
+            reply = Reply(body=result.text.encode("utf-8", errors="replace"))
+            if info is not None:
+                if info.error is not None:
+                    raise _execution_error(info.error)
+                _apply_response_info(reply, info.text)
             if reply.status in NO_BODY_STATUSES:
                 reply.body = b""
             return reply
@@ -180,6 +220,7 @@ class NotebookService:
         finally:
             self.pool.release(lease, outcome)
             self.metrics.executed(endpoint.path, time.monotonic() - started)
+
 
 def _execution_error(error: dict[str, Any]) -> ExecutionError:
     return ExecutionError(str(error.get("ename", "Error")), str(error.get("evalue", "")),

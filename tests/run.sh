@@ -23,8 +23,16 @@ if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
   fi
 fi
 
-step "pytest"
+step "pytest (default: direct channel)"
 .venv/bin/python -m pytest "$@"
+
+if [ "$#" -eq 0 ]; then
+  # Every test that runs a kernel again with requests as plain execute_requests: the two
+  # channels must behave identically (the pure tests and the Prometheus ones do not depend on it).
+  step "pytest (KGPOOL_CHANNEL=jupyter)"
+  KGPOOL_CHANNEL=jupyter .venv/bin/python -m pytest -q tests/test_web.py tests/test_cli.py \
+    tests/test_resilience.py tests/test_app.py
+fi
 
 if [ "$#" -eq 0 ]; then
   step "observability checks (promtool)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,7 +21,8 @@ ClientFactory = Callable[[Any], Awaitable[TestClient]]
 
 async def make_client(aiohttp_client: ClientFactory, registry: CollectorRegistry,
                       **settings: Any) -> TestClient:
-    cfg = Settings(notebook=NOTEBOOKS / "kitchen.ipynb", **settings)
+    cfg = Settings(notebook=NOTEBOOKS / "kitchen.ipynb",
+                   channel=os.environ.get("KGPOOL_CHANNEL", "direct"), **settings)
     client = await aiohttp_client(create_app(cfg, load_notebook(cfg.notebook), registry))
     await client.app[SERVICE].warmed()
     return client

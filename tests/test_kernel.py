@@ -24,7 +24,7 @@ async def kernel(tmp_path) -> AsyncIterator[Kernel]:  # type: ignore[no-untyped-
     died: list[Kernel] = []
     k = Kernel("python3", context=context, label="test", on_death=died.append,
                ipc_dir=str(tmp_path))
-    k.died = died  # type: ignore[attr-defined]
+    k.deaths = died  # type: ignore[attr-defined]
     await k.start()
     try:
         yield k
@@ -54,7 +54,7 @@ async def test_death_mid_execution_raises_at_once(kernel: Kernel) -> None:
         await kernel.execute("import os, time\ntime.sleep(0.2)\nos._exit(3)")
     assert time.monotonic() - started < 5
     assert not kernel.is_alive and kernel.exit_code == 3
-    assert kernel.died == [kernel]  # type: ignore[attr-defined]
+    assert kernel.deaths == [kernel]  # type: ignore[attr-defined]
     with pytest.raises(KernelDied):
         await kernel.execute("1")
 
@@ -63,10 +63,10 @@ async def test_sigkill_while_idle_is_reported(kernel: Kernel) -> None:
     assert kernel.pid is not None
     os.kill(kernel.pid, signal.SIGKILL)
     for _ in range(100):
-        if kernel.died:  # type: ignore[attr-defined]
+        if kernel.deaths:  # type: ignore[attr-defined]
             break
         await asyncio.sleep(0.02)
-    assert kernel.died == [kernel]  # type: ignore[attr-defined]
+    assert kernel.deaths == [kernel]  # type: ignore[attr-defined]
 
 
 async def test_shutdown_kills_the_whole_process_group(kernel: Kernel) -> None:

@@ -1,0 +1,99 @@
+"""The direct channel: endpoint cells compiled once in a Python kernel and called over a socket.
+
+The Jupyter protocol costs a few milliseconds per execute_request on each side (signing,
+envelopes, IPython's run_cell); the cell itself usually takes microseconds. A Python kernel can
+instead compile the endpoint cells at warm-up (kgpool/_inkernel.py) and serve them on a private
+Unix socket in kgpool's 0700 runtime directory. Results come back in the same shape as an
+execute_request's, so responses, errors, timeouts and crash handling stay identical.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import struct
+from importlib import resources
+from typing import Any
+
+from .errors import KernelDied, KernelError
+from .kernel import Kernel
+from .outputs import ExecutionResult
+
+_HEADER = struct.Struct(">I")
+_SOURCE = resources.files(__package__).joinpath("_inkernel.py").read_text(encoding="utf-8")
+
+
+def install_code(path: str, cells: list[tuple[str, str | None]]) -> str:
+    """Code for one execute_request that installs the channel without touching user globals."""
+    return ("print(__import__('json').dumps((lambda ns: (exec(" + repr(_SOURCE) + ", ns), "
+            "ns['_kgpool_direct_install'](" + repr(path) + ", " + repr(cells) + "))[1])"
+            "({'get_ipython': get_ipython})), end='')")
+
+
+def _result(part: list[Any]) -> ExecutionResult:
+    stdout, result, error, displays = part
+    out = ExecutionResult(stdout=[stdout] if stdout else [], execute_result=result,
+                          displays=displays, done=True)
+    if error is not None:
+        out.error = {"ename": error[0], "evalue": error[1], "traceback": []}
+    return out
+
+
+class DirectChannel:
+    """A connection to one kernel's compiled endpoints; every wait also watches the kernel."""
+
+    def __init__(self, kernel: Kernel, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter, refused: dict[str, str]) -> None:
+        # Not the kernel itself: callers key channels by kernel in a WeakKeyDictionary.
+        self._label, self._died = kernel.label, kernel.died
+        self.refused = {int(k): v for k, v in refused.items()}
+        self._reader, self._writer = reader, writer
+        self._died.add_done_callback(lambda _: self.close())
+
+    @classmethod
+    async def open(cls, kernel: Kernel, path: str,
+                   cells: list[tuple[str, str | None]]) -> DirectChannel:
+        result = await kernel.execute(install_code(path, cells))
+        if result.error is not None:
+            raise KernelError(f"direct channel install failed: {result.error.get('ename')}: "
+                              f"{result.error.get('evalue')}")
+        refused = json.loads(result.text)
+        reader, writer = await asyncio.open_unix_connection(path)
+        return cls(kernel, reader, writer, refused)
+
+    def serves(self, index: int) -> bool:
+        return index not in self.refused
+
+    async def call(self, index: int, request: str) -> tuple[ExecutionResult, ExecutionResult | None]:
+        """Run endpoint `index` with REQUEST bound: (endpoint result, ResponseInfo result)."""
+        payload = json.dumps({"e": index, "r": request}).encode("utf-8", "surrogateescape")
+        self._writer.write(_HEADER.pack(len(payload)) + payload)
+        reply = asyncio.ensure_future(self._read())
+        died = self._died
+        try:
+            await asyncio.wait({reply, died}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not reply.done():  # kernel died, or our deadline cancelled us
+                reply.cancel()
+        if reply.cancelled():
+            raise died.result()
+        try:
+            data = reply.result()
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            # The socket closes as the process dies; let the pidfd watch say so first.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(died), 2.0)
+            if died.done():
+                raise died.result() from None
+            raise KernelDied(f"{self._label}: direct channel closed: {exc}") from None
+        info = data.get("i")
+        return _result(data["c"]), (_result(info) if info is not None else None)
+
+    async def _read(self) -> dict[str, Any]:
+        size = _HEADER.unpack(await self._reader.readexactly(_HEADER.size))[0]
+        return json.loads(await self._reader.readexactly(size))  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        if not self._writer.is_closing():
+            self._writer.close()
