@@ -95,27 +95,31 @@ class KernelPool:
 
     @property
     def ready(self) -> bool:
-        return self._started and not (self._draining or self._closed) and \
-            bool(self._idle or self._busy)
+        """At least one warm kernel and not draining: worth sending traffic to."""
+        return not (self._draining or self._closed) and bool(self._idle or self._busy)
 
     # ----- start and stop ----------------------------------------------------------------
 
     async def start(self) -> None:
-        """Warm every slot concurrently; the first failure stops all of them and is raised."""
+        """Warm every slot concurrently, each serving as soon as it is warm; the first failure
+        stops all of them and is raised."""
         for slot in range(self.size):
             self._starting[slot] = "start"
-        spawns = [asyncio.create_task(self._spawn(slot)) for slot in range(self.size)]
+        started = time.monotonic()
         try:
-            leases = await _all_or_nothing(spawns)
+            await _all_or_nothing([asyncio.create_task(self._start_slot(slot))
+                                   for slot in range(self.size)])
         except BaseException:
             self._starting.clear()
             await self.close()
             raise
-        for lease in leases:
-            self._starting.pop(lease.slot, None)
-            self._hand_out(lease)
         self._started = True
-        log.info("pool warm: %d kernel(s)", self.size)
+        log.info("pool warm: %d kernel(s) in %.2fs", self.size, time.monotonic() - started)
+
+    async def _start_slot(self, slot: int) -> None:
+        lease = await self._spawn(slot)
+        self._starting.pop(slot, None)
+        self._hand_out(lease)
 
     async def drain(self, timeout: float) -> bool:
         """Refuse new requests, let queued and running ones finish; True if all finished."""
@@ -316,17 +320,15 @@ class KernelPool:
         task.add_done_callback(self._tasks.discard)
 
 
-async def _all_or_nothing(tasks: list[asyncio.Task[Lease]]) -> list[Lease]:
-    """Await all; on the first failure cancel the rest, shut down whatever started, re-raise."""
+async def _all_or_nothing(tasks: list[asyncio.Task[None]]) -> None:
+    """Await all; on the first failure cancel the rest, wait for them, and re-raise it."""
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for task in done:
             if task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
-        return [task.result() for task in tasks]
     except BaseException:
         for task in tasks:
             task.cancel()
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(*(r.kernel.shutdown() for r in results if isinstance(r, Lease)))
+        await asyncio.gather(*tasks, return_exceptions=True)
         raise
