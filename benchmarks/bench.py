@@ -163,8 +163,13 @@ class Server:
         shutil.rmtree(self.runtime, ignore_errors=True)
 
 
+STOPS: list[dict] = []
+
+
 def stop(server: Server) -> None:
     server.stop()
+    if server.proc.stop_info:
+        STOPS.append({"server": server.kind, "kernels": server.kernels, **server.proc.stop_info})
 
 
 def run_wrk(port: int, conc: int, duration: float, threads: int) -> dict:
@@ -397,7 +402,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="seconds of discarded load per server and K")
     p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1: leave the cores to the servers)")
     p.add_argument("--startup-kernels", type=ints, default=[1, 4])
-    p.add_argument("--startup-reps", type=int, default=None, help="start-up measurements per server and K (default 2)")
+    p.add_argument("--startup-reps", type=int, default=None, help="start-up measurements per server and K (default 3)")
     p.add_argument("--floor-kernels", type=int, default=2)
     p.add_argument("--floor-concurrency", type=ints, default=[1, 16])
     p.add_argument("--floor-duration", type=float, default=None)
@@ -411,7 +416,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a.concurrency = a.concurrency or ([1, 16] if q else [1, 4, 16, 64])
     a.duration = a.duration or (3 if q else 4)
     a.rounds = a.rounds or (1 if q else 2)
-    a.startup_reps = a.startup_reps or (1 if q else 2)
+    a.startup_reps = a.startup_reps or (1 if q else 3)
     a.floor_duration = a.floor_duration or a.duration
     if q:
         a.warmup = min(a.warmup, 1)
@@ -420,6 +425,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    shutil.rmtree(LOGS, ignore_errors=True)  # logs of this run only
     LOGS.mkdir(parents=True, exist_ok=True)
     nb, dev_nb = notebook_path()
     servers = pick_servers(args.servers)
@@ -440,6 +446,7 @@ def main(argv: list[str]) -> int:
     result["loadavg_end"] = os.getloadavg()
     result["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     result["leftover_processes"] = procs.leftovers()
+    result["stops"] = STOPS
 
     import report  # matplotlib is imported lazily: the sweep must not depend on it
     RESULTS.mkdir(exist_ok=True)

@@ -111,6 +111,7 @@ class Managed:
         self.log_path = log_path
         self.log = open(log_path, "wb")
         self.seen: set[Key] = set()
+        self.stop_info: dict | None = None
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen(
             cmd, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -158,17 +159,24 @@ class Managed:
     def stop(self, grace: float = 20.0) -> None:
         """Graceful SIGTERM to the group, SIGKILL after `grace`, then kill leftover descendants."""
         self.refresh()
-        if self.running():
+        t0 = time.monotonic()
+        was_running, sigkill = self.running(), False
+        if was_running:
             _killpg(self.pid, signal.SIGTERM)
             try:
                 self.proc.wait(grace)
             except subprocess.TimeoutExpired:
+                sigkill = True
                 _killpg(self.pid, signal.SIGKILL)
                 self.proc.wait(5)
         else:
             _killpg(self.pid, signal.SIGKILL)  # group members may outlive the leader
         deadline = time.monotonic() + 5
         left = [k for k in self.seen if alive(k)]
+        # how the process went away: the harness has to clean up after it only when it misbehaves
+        self.stop_info = {"was_running": was_running, "exit": self.proc.returncode,
+                          "stop_s": round(time.monotonic() - t0, 3), "sigkill": sigkill,
+                          "descendants_left": len(left)}
         for k in left:
             _kill(k, signal.SIGTERM)
         while left and time.monotonic() < deadline:

@@ -97,6 +97,21 @@ def targets(res: dict) -> list[str]:
     return out
 
 
+def _stops(res: dict) -> list[str]:
+    """One line per server kind: how it went away on SIGTERM."""
+    out = []
+    for kind in res["servers"]:
+        st = [x for x in res.get("stops", []) if x["server"] == kind]
+        if not st:
+            continue
+        crashed = [x for x in st if not x["was_running"]]
+        out.append(f"- {LABEL[kind]} on SIGTERM ({len(st)} stops): exit codes {sorted({x['exit'] for x in st})}, "
+                   f"slowest {max(x['stop_s'] for x in st):.2f} s, needed SIGKILL {sum(x['sigkill'] for x in st)}×, "
+                   f"left descendants for the harness to kill {sum(x['descendants_left'] for x in st)}"
+                   + (f", had already exited {len(crashed)}×" if crashed else "") + ".")
+    return out
+
+
 def markdown(res: dict) -> str:
     a = res["args"]
     v = res["versions"]
@@ -196,6 +211,7 @@ def markdown(res: dict) -> str:
               "- Kernel executables: " + "; ".join(f"{LABEL[k]} `{', '.join(v)}`" for k, v in ke.items()),
               "- All servers use their default logging, sent to a file. wrk is closed-loop (no coordinated-"
               "omission correction); p50/p99 come from wrk's latency histogram.",
+              *_stops(res),
               f"- Processes left behind: {res['leftover_processes'] or 'none'}.",
               "- Raw data: `benchmarks/results/latest.json`; plot: `benchmarks/results/latest.png`.", ""]
     return "\n".join(lines)
