@@ -8,9 +8,12 @@ Writes results/latest.{md,png,json}.  Run through run.sh, which builds the virtu
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime as dt
 import json
+import math
 import os
+import random
 import re
 import resource
 import shutil
@@ -172,6 +175,25 @@ def stop(server: Server) -> None:
         STOPS.append({"server": server.kind, "kernels": server.kernels, **server.proc.stop_info})
 
 
+def probe_varied(port: int, n: int = 200, conc: int = 8) -> dict:
+    """Distinct angles from concurrent clients, each body checked: wrk's constant URL cannot see a
+    response cached or crossed between requests."""
+    rnd = random.Random(port)
+    angles = [str(rnd.choice([rnd.randint(-720, 720), round(rnd.uniform(-1000, 1000), 3)])) for _ in range(n)]
+
+    def one(angle: str) -> tuple[str, int, str]:
+        st, body = http_get(port, f"/convert?angle={angle}", 10.0)
+        return angle, st, body
+
+    bad = []
+    with concurrent.futures.ThreadPoolExecutor(conc) as pool:
+        for angle, st, body in pool.map(one, angles):
+            want = json.dumps({"convertedAngle": math.radians(float(angle))}) + "\n"
+            if st != 200 or body != want:
+                bad.append({"angle": angle, "status": st, "body": body[:200], "expected": want})
+    return {"requests": n, "bad": len(bad), "samples": bad[:3]}
+
+
 def run_wrk(port: int, conc: int, duration: float, threads: int) -> dict:
     t = max(1, min(threads, conc))
     secs = max(1, round(duration))  # wrk takes whole seconds
@@ -266,7 +288,8 @@ def phase_startup(args, nb: Path, servers: list[str]) -> list[dict]:
     return out
 
 
-def phase_sweep(args, nb: Path, servers: list[str], floor_rows: list[dict]) -> tuple[list[dict], dict]:
+def phase_sweep(args, nb: Path, servers: list[str], floor_rows: list[dict],
+                probes: list[dict]) -> tuple[list[dict], dict]:
     rows: list[dict] = []
     exes: dict[str, list[str]] = {}
     for k in args.kernels:
@@ -277,8 +300,13 @@ def phase_sweep(args, nb: Path, servers: list[str], floor_rows: list[dict]) -> t
                 live[kind].wait_ready()
                 exes[kind] = live[kind].kernel_exes()
                 log(f"sweep K={k}: {kind} ready in {live[kind].ready_s:.2f}s on port {live[kind].port}")
-            for kind in servers:  # warm-up, discarded
+            for kind in servers:  # warm-up, discarded; then a check with distinct angles
                 run_wrk(live[kind].port, max(4, k), args.warmup, args.threads)
+                pv = probe_varied(live[kind].port)
+                probes.append({"server": kind, "kernels": k, **pv})
+                if pv["bad"]:
+                    log(f"WRONG: {kind} K={k} answered {pv['bad']}/{pv['requests']} distinct angles wrongly: "
+                        f"{pv['samples'][:1]}")
             for i, c in enumerate(args.concurrency):
                 got: dict[str, list[dict]] = {kind: [] for kind in servers}
                 with_floor = k == args.floor_kernels and c in args.floor_concurrency and "floor" not in args.skip
@@ -439,9 +467,10 @@ def main(argv: list[str]) -> int:
     log(f"notebook {result['notebook']}; servers {servers}; kernels {args.kernels}; "
         f"concurrency {args.concurrency}; {args.duration}s per run")
     result["startup"] = [] if "startup" in skip else phase_startup(args, nb, servers)
-    result["floor_inline"] = []
+    result["floor_inline"], result["varied_probe"] = [], []
     result["sweep"], result["kernel_executables"] = (
-        ([], {}) if "sweep" in skip else phase_sweep(args, nb, servers, result["floor_inline"]))
+        ([], {}) if "sweep" in skip
+        else phase_sweep(args, nb, servers, result["floor_inline"], result["varied_probe"]))
     result["floor"] = None if "floor" in skip else phase_floor(args)
     result["loadavg_end"] = os.getloadavg()
     result["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

@@ -87,7 +87,10 @@ def targets(res: dict) -> list[str]:
     errs = ", ".join(f"{LABEL[k]} {sum(r['errors'] for r in res['sweep'] if r['server'] == k)}" for k in res["servers"])
     wrong = ", ".join(f"{LABEL[k]} {sum(r['wrong_bodies'] for r in res['sweep'] if r['server'] == k)}"
                       for k in res["servers"])
-    out.append(f"Errors in the sweep: {errs}. Wrong bodies: {wrong} (target 0 everywhere)")
+    vp = ", ".join(f"{LABEL[k]} {sum(p['bad'] for p in res.get('varied_probe', []) if p['server'] == k)}"
+                   for k in res["servers"])
+    out.append(f"Errors in the sweep: {errs}. Wrong bodies: {wrong}; wrong in the distinct-angle check: {vp} "
+               "(target 0 everywhere)")
     for kind in mine:
         s1, s4 = _startup(res, kind, 1), _startup(res, kind, 4)
         if s1 and s4:
@@ -167,6 +170,16 @@ def markdown(res: dict) -> str:
                 f"| {_multi(rows, 'wrong_bodies', 0)} | {_multi(rows, 'server_cpu_ms_per_req', 2)} "
                 f"| {_multi(rows, 'kernel_cpu_ms_per_req', 2)} | {_multi(rows, 'server_rss_mb', 0)} "
                 f"| {_multi(rows, 'kernel_rss_mb', 0)} | {_multi(rows, 'others_cpu_pct', 0)} |")
+    vp = res.get("varied_probe", [])
+    if vp:
+        lines += ["", "Distinct-angle check (before each K's sweep, 200 requests with random angles from 8 "
+                  "concurrent clients, each body compared with Python's own answer; catches cached or "
+                  "crossed responses that wrk's constant URL cannot): "
+                  + "; ".join(f"{LABEL[p['server']]} K={p['kernels']} {p['bad']} wrong" for p in vp) + "."]
+        for p in vp:
+            for smp in p["samples"]:
+                lines.append(f"- {LABEL[p['server']]} K={p['kernels']}: angle {smp['angle']}: status {smp['status']}, "
+                             f"body `{smp['body']!r}`, expected `{smp['expected']!r}`")
     bad = [r for r in res["sweep"] if r.get("sample_bad")]
     if bad:
         lines += ["", "First bad response seen per cell:", ""]
