@@ -72,7 +72,12 @@ def _kgpool_direct_install(path, cells):
                 if tail is not None:
                     value = eval(tail, ns)
             except BaseException as exc:  # what IPython would report, KeyboardInterrupt too
-                error = [type(exc).__name__, str(exc)]
+                try:
+                    trace = shell.InteractiveTB.structured_traceback(
+                        type(exc), exc, exc.__traceback__, tb_offset=1)
+                except Exception:
+                    trace = []
+                error = [type(exc).__name__, str(exc), trace]
             finally:
                 builtins.input = saved
                 try:

@@ -44,7 +44,12 @@ def _serve_parser(sub: Any) -> None:
             serve.add_argument(f.name, nargs="?", metavar="NOTEBOOK",
                                help=f"{meta['help']} [env {_env_name(f.name)}]")
             continue
-        default = f" (default: {f.default})" if f.default != "" else ""
+        default = f" (default: {f.default})" if f.default not in ("", False) else ""
+        if _kind(f) is bool:
+            serve.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                               action=argparse.BooleanOptionalAction,
+                               help=f"{meta['help']} [env {_env_name(f.name)}=1]")
+            continue
         serve.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_kind(f),
                            default=None, choices=meta.get("choices"),
                            metavar=f.name.upper() if not meta.get("choices") else None,
@@ -63,8 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _kind(f: dataclasses.Field[Any]) -> type:
-    return {"int": int, "float": float}.get(str(f.type), str)
+def _kind(f: dataclasses.Field[Any]) -> Any:
+    return {"int": int, "float": float, "bool": bool}.get(str(f.type), str)
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
 
 
 def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
@@ -75,10 +89,12 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
         env = environ.get(_env_name(f.name))
         if value is None and env not in (None, ""):
             try:
-                value = _kind(f)(env)
+                value = _parse_bool(env) if _kind(f) is bool else _kind(f)(env)
             except ValueError:
+                hint = " (a Kubernetes Service named kgpool sets KGPOOL_PORT=tcp://...; set " \
+                    "enableServiceLinks: false)" if env.startswith("tcp://") else ""
                 raise ConfigError(f"{_env_name(f.name)}={env!r} is not a valid "
-                                  f"{_kind(f).__name__}") from None
+                                  f"{_kind(f).__name__}{hint}") from None
         if value is not None:
             values[f.name] = value
     if not values.get("notebook"):
@@ -193,6 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print_routes(load_notebook(args.notebook))
             return 0
         settings = settings_from(args, os.environ)
+        os.environ.pop("KGPOOL_AUTH_TOKEN", None)  # kernels inherit the environment
         disable_created_metrics()  # *_created series double the count and nobody graphs them
         configure_logging(settings.log_format, settings.log_level)
         notebook = load_notebook(settings.notebook)

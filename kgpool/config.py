@@ -14,6 +14,10 @@ CHANNELS = ("direct", "jupyter")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
+def _csv(value: str) -> frozenset[str]:
+    return frozenset(part.strip() for part in value.split(",") if part.strip())
+
+
 def _opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
@@ -51,6 +55,24 @@ class Settings:
         "direct", "how requests reach Python kernels: direct (endpoint cells compiled at "
         "warm-up, called over a private socket) or jupyter (one execute_request each)",
         choices=CHANNELS)
+    auth_token: str = _opt(
+        "", "require 'Authorization: Bearer TOKEN' (or 'token TOKEN') on endpoint requests; "
+        "prefer the environment variable, which keeps the token out of ps", secret=True)
+    metrics_auth: bool = _opt(False, "require the token on /metrics too")
+    max_body_size: int = _opt(
+        10 * 1024 * 1024, "largest request body in bytes; larger ones get 413 before a kernel "
+        "is involved")
+    allow_origin: str = _opt(
+        "", "CORS: origins allowed to call from a browser, comma-separated, or * (none if empty)")
+    allow_methods: str = _opt(
+        "GET,POST,PUT,DELETE,PATCH", "CORS: methods a browser may use")
+    allow_headers: str = _opt(
+        "Content-Type,Authorization,X-Request-ID", "CORS: request headers a browser may send")
+    expose_headers: str = _opt("X-Request-ID", "CORS: response headers a browser may read")
+    max_age: int = _opt(600, "CORS: seconds a browser may cache a preflight answer")
+    allow_credentials: bool = _opt(False, "CORS: let browsers send cookies/credentials")
+    expose_traceback: bool = _opt(
+        False, "include the cell's traceback in 500 answers (debugging only: it shows code)")
     log_format: str = _opt("text", "log line format: text or json", choices=LOG_FORMATS)
     log_level: str = _opt("info", "log level", choices=LOG_LEVELS)
 
@@ -59,8 +81,12 @@ class Settings:
             raise ConfigError(f"--kernels must be at least 1, not {self.kernels}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be 0..65535, not {self.port}")
+        if self.max_body_size < 1:
+            raise ConfigError(f"--max-body-size must be at least 1, not {self.max_body_size}")
+        if self.allow_credentials and "*" in self.origins:
+            raise ConfigError("--allow-credentials needs explicit origins, not *")
         for name in ("timeout", "shutdown_timeout", "max_queue", "max_requests",
-                     "max_requests_jitter"):
+                     "max_requests_jitter", "max_age"):
             if getattr(self, name) < 0:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} must not be negative, not {getattr(self, name)}")
@@ -72,6 +98,10 @@ class Settings:
             raise ConfigError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
+
+    @property
+    def origins(self) -> frozenset[str]:
+        return _csv(self.allow_origin)
 
     @property
     def request_timeout(self) -> float | None:

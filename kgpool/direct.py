@@ -36,7 +36,7 @@ def _result(part: list[Any]) -> ExecutionResult:
     out = ExecutionResult(stdout=[stdout] if stdout else [], execute_result=result,
                           displays=displays, done=True)
     if error is not None:
-        out.error = {"ename": error[0], "evalue": error[1], "traceback": []}
+        out.error = {"ename": error[0], "evalue": error[1], "traceback": error[2]}
     return out
 
 

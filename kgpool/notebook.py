@@ -262,7 +262,7 @@ def parse_body(body: bytes, content_type: str) -> Any:
     media = content_type.split(";", 1)[0].strip().lower()
     if media == "multipart/form-data":
         return _multipart_fields(body, content_type)
-    text = body.decode("utf-8", errors="replace")
+    text = body.decode("utf-8", errors="surrogateescape")  # invalid bytes survive the trip
     if media == "application/json" or media.endswith("+json"):
         try:
             return json.loads(text)
@@ -270,7 +270,7 @@ def parse_body(body: bytes, content_type: str) -> Any:
             return text
     if media == "application/x-www-form-urlencoded":
         fields: dict[str, list[str]] = {}
-        for name, value in parse_qsl(text, keep_blank_values=True):
+        for name, value in parse_qsl(text, keep_blank_values=True, errors="surrogateescape"):
             fields.setdefault(name, []).append(value)
         return fields
     return text
@@ -288,7 +288,7 @@ def _multipart_fields(body: bytes, content_type: str) -> dict[str, list[str]]:
             continue  # file parts are not text fields
         payload = part.get_payload(decode=True)
         raw = payload if isinstance(payload, bytes) else b""
-        fields.setdefault(name, []).append(raw.decode("utf-8", errors="replace"))
+        fields.setdefault(name, []).append(raw.decode("utf-8", errors="surrogateescape"))
     return fields
 
 
@@ -313,3 +313,45 @@ def swagger(notebook: Notebook) -> dict[str, Any]:
             "responses": {"200": {"description": "Success"}}}
     return {"swagger": "2.0", "paths": paths,
             "info": {"version": "0.0.0", "title": notebook.name}}
+
+
+_ERROR_SCHEMA = {"type": "object", "required": ["error", "message"],
+                 "properties": {"error": {"type": "string"}, "message": {"type": "string"}}}
+
+
+def openapi(notebook: Notebook) -> dict[str, Any]:
+    """An OpenAPI 3 document for the notebook's endpoints and kgpool's operational paths."""
+    error = {"content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+    paths: dict[str, dict[str, Any]] = {}
+    for ep in notebook.endpoints:
+        template = "/".join(lit + ("{" + param + "}" if param else "")
+                            for lit, param in _split_path(ep.path))
+        operation: dict[str, Any] = {
+            "operationId": f"{ep.method.lower()}{re.sub(r'[^A-Za-z0-9]+', '_', ep.path)}",
+            "summary": f"notebook cells {', '.join(map(str, ep.cells))}",
+            "parameters": [{"name": p, "in": "path", "required": True,
+                            "schema": {"type": "string", "minLength": 1}} for p in ep.params],
+            "responses": {
+                "200": {"description": "what the cell printed (or its result as JSON)",
+                        "content": {"text/plain": {"schema": {"type": "string"}}}},
+                "500": {"description": "the cell raised", **error},
+                "502": {"description": "the kernel died", **error},
+                "503": {"description": "queue full, draining or no warm kernel", **error},
+                "504": {"description": "the request's deadline passed", **error}}}
+        if ep.method != "GET":
+            operation["requestBody"] = {"required": False, "content": {
+                "application/json": {"schema": {}},
+                "application/x-www-form-urlencoded": {"schema": {"type": "object"}},
+                "text/plain": {"schema": {"type": "string"}}}}
+        paths.setdefault(template, {})[ep.method.lower()] = operation
+    ops = {"/healthz": "the process answers", "/readyz": "at least one kernel is warm",
+           "/metrics": "Prometheus metrics"}
+    for path, summary in ops.items():
+        paths[path] = {"get": {"operationId": path.strip("/"), "summary": summary,
+                               "tags": ["operations"], "responses": {
+                                   "200": {"description": "OK"},
+                                   "503": {"description": "not ready", **error}}}}
+    return {"openapi": "3.0.3",
+            "info": {"title": notebook.name, "version": "0.0.0",
+                     "description": f"Endpoints of the notebook {notebook.name}, served by kgpool"},
+            "paths": paths}

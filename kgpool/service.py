@@ -197,7 +197,7 @@ class NotebookService:
                 result, info = await self._execute(lease.kernel, endpoint, request)
             if result.error is not None:
                 raise _execution_error(result.error)
-            reply = Reply(body=result.text.encode("utf-8", errors="replace"))
+            reply = Reply(body=encode_body(result.text))
             if info is not None:
                 if info.error is not None:
                     raise _execution_error(info.error)
@@ -220,6 +220,14 @@ class NotebookService:
         finally:
             self.pool.release(lease, outcome)
             self.metrics.executed(endpoint.path, time.monotonic() - started)
+
+
+def encode_body(text: str) -> bytes:
+    """UTF-8, giving back the exact bytes of any request data that was not UTF-8."""
+    try:
+        return text.encode("utf-8", errors="surrogateescape")
+    except UnicodeEncodeError:  # lone surrogates that did not come from undecodable bytes
+        return text.encode("utf-8", errors="replace")
 
 
 def _execution_error(error: dict[str, Any]) -> ExecutionError:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-import uuid
-from collections.abc import Awaitable, Callable
+import re
 from typing import Any
+from urllib.parse import parse_qsl
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -18,24 +17,15 @@ from .errors import (
     QueueFull, ResponseInfoError,
 )
 from .metrics import Metrics
-from .notebook import Notebook, RequestData, Router, swagger
-from .service import CallInfo, NotebookService
+from .middleware import CALL, ROUTE, error_response, middlewares
+from .notebook import Notebook, RequestData, Router, openapi, swagger
+from .service import NotebookService
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("kgpool.access")
 
 SERVICE = web.AppKey("service", NotebookService)
-CALL = web.RequestKey("call", CallInfo)
-ROUTE = web.RequestKey("route", str)
 RETRY_AFTER = "1"
-OPS_PATHS = ("/healthz", "/readyz", "/metrics", "/_api/spec/swagger.json")
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def error_response(status: int, error: str, message: str,
-                   headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": error, "message": message}, status=status,
-                             headers=headers)
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 # Exception type -> (status, error code, extra headers); the first matching type wins.
@@ -68,9 +58,12 @@ def describe(exc: BaseException) -> tuple[int, str, str, dict[str, str]]:
 class NotebookHandler:
     """Routes every non-operational path to the notebook's endpoints."""
 
-    def __init__(self, service: NotebookService) -> None:
+    def __init__(self, service: NotebookService, settings: Settings) -> None:
         self.service = service
         self.router = Router(service.notebook.endpoints)
+        self.max_body = settings.max_body_size
+        self.hide_authorization = bool(settings.auth_token)
+        self.expose_traceback = settings.expose_traceback
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -88,12 +81,19 @@ class NotebookHandler:
             return error_response(405, "method_not_allowed",
                                   f"{request.method} is not defined for {route.path}; "
                                   f"allowed: {allow}", {"Allow": allow})
+        if (request.content_length or 0) > self.max_body:
+            return error_response(413, "payload_too_large",
+                                  f"the body is larger than {self.max_body} bytes")
+        headers = request.headers.items()
+        if self.hide_authorization:  # the token is kgpool's business, not the notebook's
+            headers = [(k, v) for k, v in headers if k.lower() != "authorization"]
         data = RequestData(
-            body=await request.read(),
+            body=await request.read(),  # all of it, before a kernel is leased
             content_type=request.headers.get("Content-Type", ""),
-            query=tuple(request.rel_url.query.items()),
+            query=tuple(parse_qsl(request.rel_url.raw_query_string, keep_blank_values=True,
+                                  errors="surrogateescape")),
             params=params,
-            headers=tuple(request.headers.items()))
+            headers=tuple(headers))
         info = request[CALL]
         try:
             reply = await self.service.call(endpoint, data, info)
@@ -101,44 +101,11 @@ class NotebookHandler:
             status, error, message, headers = describe(exc)
             if error in REJECTIONS:
                 self.service.metrics.rejected_request(error)
+            if self.expose_traceback and isinstance(exc, ExecutionError):
+                return web.json_response({"error": error, "message": message, "traceback": [
+                    _ANSI.sub("", line) for line in exc.traceback]}, status=500)
             return error_response(status, error, message, headers)
         return web.Response(status=reply.status, headers=reply.headers, body=reply.body)
-
-
-def access_middleware(metrics: Metrics) -> Any:
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        started = time.monotonic()
-        request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
-        request[CALL] = info = CallInfo()
-        ops = request.path in OPS_PATHS
-        if not ops:
-            metrics.in_flight.inc()
-        status = 500
-        try:
-            response = await handler(request)
-            status = response.status
-        except web.HTTPException as exc:
-            status = exc.status
-            raise
-        finally:
-            elapsed = time.monotonic() - started
-            route = request.get(ROUTE, request.path if ops else "unmatched")
-            if not ops:
-                metrics.in_flight.dec()
-                metrics.answered(route, request.method, status, elapsed)
-            access_log.info(
-                "%s %s %d %.1fms route=%s queue=%.1fms slot=%s id=%s", request.method,
-                request.path_qs, status, elapsed * 1000, route, info.queue_wait * 1000,
-                info.slot, request_id,
-                extra={"request_id": request_id, "method": request.method, "route": route,
-                       "path": request.path, "status": status,
-                       "duration_ms": round(elapsed * 1000, 3),
-                       "queue_wait_ms": round(info.queue_wait * 1000, 3),
-                       "kernel_slot": info.slot, "kernel_pid": info.kernel_pid})
-        response.headers["X-Request-ID"] = request_id
-        return response
-    return middleware
 
 
 class OpsHandlers:
@@ -149,6 +116,7 @@ class OpsHandlers:
         self.service = service
         self.registry = registry
         self.spec = json.dumps(swagger(notebook))
+        self.openapi_spec = json.dumps(openapi(notebook))
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -169,6 +137,9 @@ class OpsHandlers:
     async def swagger(self, request: web.Request) -> web.Response:
         return web.Response(text=self.spec, content_type="application/json")
 
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.Response(text=self.openapi_spec, content_type="application/json")
+
 
 def create_app(settings: Settings, notebook: Notebook,
                registry: CollectorRegistry | None = None) -> web.Application:
@@ -176,15 +147,16 @@ def create_app(settings: Settings, notebook: Notebook,
     registry = registry if registry is not None else CollectorRegistry()
     metrics = Metrics(registry, timeout=settings.request_timeout, max_queue=settings.max_queue)
     service = NotebookService(notebook, settings, metrics)
-    app = web.Application(middlewares=[access_middleware(metrics)],
-                          client_max_size=1024**3)
+    app = web.Application(middlewares=middlewares(settings, metrics),
+                          client_max_size=settings.max_body_size)
     app[SERVICE] = service
     ops = OpsHandlers(service, registry, notebook)
     app.router.add_get("/healthz", ops.healthz)
     app.router.add_get("/readyz", ops.readyz)
     app.router.add_get("/metrics", ops.metrics)
     app.router.add_get("/_api/spec/swagger.json", ops.swagger)
-    app.router.add_route("*", "/{tail:.*}", NotebookHandler(service).handle)
+    app.router.add_get("/_api/spec/openapi.json", ops.openapi)
+    app.router.add_route("*", "/{tail:.*}", NotebookHandler(service, settings).handle)
 
     async def pool_ctx(app: web.Application) -> Any:
         service.begin()

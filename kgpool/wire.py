@@ -58,4 +58,5 @@ class Wire:
         if json.loads(parent).get("msg_id") != msg_id.decode():
             return None
         msg_type = json.loads(header)["msg_type"]
-        return msg_type, json.loads(content.decode("utf-8", "replace"))
+        # ipykernel encodes lone surrogates with surrogateescape; decode them back the same way
+        return msg_type, json.loads(content.decode("utf-8", "surrogateescape"))
