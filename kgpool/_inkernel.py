@@ -15,6 +15,7 @@ def _kgpool_direct_install(path, cells):
     import base64
     import builtins
     import json
+    import linecache
     import socket
     import struct
 
@@ -29,6 +30,10 @@ def _kgpool_direct_install(path, cells):
         if source is None:
             return None
         cell = shell.transform_cell(source)
+        try:  # registers the source in linecache, so tracebacks show the cell's lines
+            name = shell.compile.cache(cell)
+        except Exception:
+            linecache.cache[name] = (len(cell), None, cell.splitlines(True), name)
         tree = shell.transform_ast(ast.parse(cell, filename=name))
         last = None
         if tree.body and isinstance(tree.body[-1], ast.Expr) and \

@@ -70,3 +70,21 @@ write("flaky_init", [
     "    raise RuntimeError('flag file present: init refuses')",
     "# GET /ok\nprint(os.getpid(), end='')",
 ])
+# Endpoints that never raise, whatever the request: any 5xx while fuzzing is kgpool's fault.
+write("fuzz", [
+    "import json, os, math",
+    "# GET /echo\nprint(REQUEST, end='')",
+    "# POST /echo\nprint(REQUEST, end='')",
+    "# GET /env\nprint(json.dumps({k: v for k, v in os.environ.items() if 'KGPOOL' in k or "
+    "'TOKEN' in k}), end='')",
+    "# PUT /items/:id\nprint(json.dumps(json.loads(REQUEST)['path']), end='')",
+    "# DELETE /items/:id\nprint(json.dumps(json.loads(REQUEST)['path']), end='')",
+    "# PATCH /items/:id\nprint(json.dumps(json.loads(REQUEST)), end='')",
+    "# GET /users/:uid/files/:fid\nprint(json.dumps(json.loads(REQUEST)['path']), end='')",
+    "# GET /convert\ntry:\n    angle = float(json.loads(REQUEST)['args'].get('angle', ['0'])[0])\n"
+    "    print(json.dumps({'convertedAngle': math.radians(angle)}))\nexcept ValueError as exc:\n"
+    "    print(json.dumps({'error': str(exc)}))",
+    "# POST /created\nprint(json.dumps({'ok': True}), end='')",
+    "# ResponseInfo POST /created\nprint(json.dumps({'status': 201, 'headers': "
+    "{'Content-Type': 'application/json'}}))",
+])
