@@ -148,7 +148,7 @@ class _LoopThread:
 
     def run(self, coro: Awaitable[T], timeout: float) -> T:
         future: Future[T] = asyncio.run_coroutine_threadsafe(
-            asyncio.wait_for(coro, timeout), self.loop)  # type: ignore[arg-type]
+            asyncio.wait_for(coro, timeout), self.loop)
         try:
             return future.result(timeout + 5)
         except TimeoutError:
@@ -206,7 +206,8 @@ class _Connection:
         reply = await fut
         if "error" in reply:
             raise BrowserError(f"{method}: {reply['error']}")
-        return reply.get("result", {})
+        result: dict[str, Any] = reply.get("result", {})
+        return result
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -410,7 +411,8 @@ class Chromium:
         if self._stderr is None or self._stderr.closed:
             return ""
         self._stderr.seek(0)
-        return self._stderr.read().decode("utf-8", errors="replace")[-4000:]
+        text: str = self._stderr.read().decode("utf-8", errors="replace")
+        return text[-4000:]
 
     def close(self) -> None:
         """Kill the whole process group, wait, and check nothing using the profile survives."""

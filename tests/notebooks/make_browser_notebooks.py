@@ -32,16 +32,16 @@ ECHO_INFO = ("print(json.dumps({'status': 200, 'headers': {'Content-Type': 'appl
 write("browser_echo", [
     "MD:# Browser tests\nEndpoints called from headless Chromium.",
     "import json, time",
-    "# GET /echo\nreq = json.loads(REQUEST)\n"
-    "print(json.dumps({'method': 'GET', 'args': req['args'], "
-    "'custom': req['headers'].get('X-Custom')}))",
+    ("# GET /echo\nreq = json.loads(REQUEST)\n"
+     "print(json.dumps({'method': 'GET', 'args': req['args'], "
+     "'custom': req['headers'].get('X-Custom')}))"),
     "# ResponseInfo GET /echo\n" + ECHO_INFO,
-    "# POST /echo\nreq = json.loads(REQUEST)\n"
-    "print(json.dumps({'method': 'POST', 'body': req['body'], "
-    "'custom': req['headers'].get('X-Custom')}))",
+    ("# POST /echo\nreq = json.loads(REQUEST)\n"
+     "print(json.dumps({'method': 'POST', 'body': req['body'], "
+     "'custom': req['headers'].get('X-Custom')}))"),
     "# ResponseInfo POST /echo\n" + ECHO_INFO,
     "# PUT /echo\nprint(json.dumps({'method': 'PUT'}))",
     "# GET /hello/:name\nprint('hello ' + json.loads(REQUEST)['path']['name'], end='')",
-    "# GET /sleep\nargs = json.loads(REQUEST)['args']\ntime.sleep(float(args.get('s', ['1'])[0]))\n"
-    "print('slept', end='')",
+    ("# GET /sleep\nargs = json.loads(REQUEST)['args']\n"
+     "time.sleep(float(args.get('s', ['1'])[0]))\nprint('slept', end='')"),
 ])
