@@ -33,7 +33,7 @@ import procs
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 VENV_KG = HERE / ".venv-kg"
-VENV_BENCH = HERE / ".venv-bench"
+VENV_BENCH = Path(os.environ.get("KGBENCH_VENV") or HERE / ".venv-bench")  # set by run.sh
 RESULTS = HERE / "results"
 LOGS = RESULTS / "logs"
 LUA = HERE / "check.lua"
@@ -399,6 +399,8 @@ def versions() -> dict:
     }
     if (VENV_BENCH / "bin" / "kgpool").exists():
         v["kgpool"] = run([str(VENV_BENCH / "bin" / "kgpool"), "--version"])
+        v["kgpool_source"] = os.environ.get("KGBENCH_KGPOOL_DESC") or (
+            "working tree " + v["git"] + (" + uncommitted changes" if v["dirty"] else ""))
         v["bench_venv"] = run([str(VENV_BENCH / "bin" / "python"), "-c", probe % ["jupyter_client", "ipykernel", "pyzmq"]])
     return v
 
@@ -463,6 +465,8 @@ def main(argv: list[str]) -> int:
         "started": started.isoformat(timespec="seconds"), "args": vars(args), "notebook": str(nb.relative_to(REPO)),
         "dev_notebook": dev_nb, "servers": servers, "cores": os.cpu_count(), "loadavg_start": os.getloadavg(),
         "versions": versions(), "expected_body": EXPECTED,
+        "command": " ".join(([f"KGPOOL_REF={os.environ['KGPOOL_REF']}"] if os.environ.get("KGPOOL_REF") else [])
+                            + ["bash", "benchmarks/run.sh", *argv]),
     }
     log(f"notebook {result['notebook']}; servers {servers}; kernels {args.kernels}; "
         f"concurrency {args.concurrency}; {args.duration}s per run")

@@ -124,7 +124,7 @@ def markdown(res: dict) -> str:
     lines = [
         "# kgpool vs Jupyter Kernel Gateway — latest benchmark run",
         "",
-        f"Command: `bash benchmarks/run.sh{' --quick' if a['quick'] else ''}` "
+        f"Command: `{res.get('command', 'bash benchmarks/run.sh')}` "
         f"(kernels {a['kernels']}, concurrency {a['concurrency']}, {a.get('rounds', 1)} × {a['duration']} s per "
         f"server and cell, wrk {a['threads']} thread(s)).  ",
         f"Run {res['started']} → {res['finished']} UTC on {res['cores']} cores; load average "
@@ -132,8 +132,8 @@ def markdown(res: dict) -> str:
         f"Notebook `{res['notebook']}`{' (temporary dev copy)' if res['dev_notebook'] else ''}; "
         f"every response checked against `{res['expected_body']!r}`.  ",
         f"Servers: {', '.join(LABEL[s] for s in servers)}.  ",
-        f"kgpool: `{v.get('kgpool', 'not installed')}` ({v.get('bench_venv', '')}), git {v.get('git') or '—'}"
-        f"{' + uncommitted changes' if v.get('dirty') else ''}.  ",
+        f"kgpool: `{v.get('kgpool', 'not installed')}` from {v.get('kgpool_source', '—')} "
+        f"({v.get('bench_venv', '')}).  ",
         f"Peer: {v.get('kg_venv', '')}.  {v.get('wrk', '')}.",
         "",
         "Absolute numbers are machine- and noise-dependent (the machine may be shared: see the *others* column); "

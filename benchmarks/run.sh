@@ -3,6 +3,7 @@
 #   bash benchmarks/run.sh            # full sweep: kernels 1,2,4 x concurrency 1,4,16,64, 5 s runs
 #   bash benchmarks/run.sh --quick    # kernels 1,2 x concurrency 1,16, 3 s runs
 #   bash benchmarks/run.sh --help     # every option (durations, kernel counts, phases to skip)
+#   KGPOOL_REF=HEAD bash benchmarks/run.sh   # kgpool from a commit (own venv) instead of the working tree
 # Builds two virtualenvs on first use: .venv-kg (the peer, jupyter_kernel_gateway 3.0.1 + ipykernel)
 # and .venv-bench (kgpool from this repo, editable, + matplotlib). Installs wrk with apt-get if missing.
 # Writes benchmarks/results/latest.{md,png,json}; logs in benchmarks/results/logs/.
@@ -23,21 +24,34 @@ assert m.version('jupyter_kernel_gateway') == '3.0.1'" 2>/dev/null; then
     "$HERE/.venv-kg/bin/pip" install -q --disable-pip-version-check 'jupyter_kernel_gateway==3.0.1' ipykernel
 fi
 
-if [ ! -x "$HERE/.venv-bench/bin/python" ]; then
-    "$PY" -m venv "$HERE/.venv-bench"
-fi
-if ! "$HERE/.venv-bench/bin/python" -c "import matplotlib" 2>/dev/null; then
-    "$HERE/.venv-bench/bin/pip" install -q --disable-pip-version-check matplotlib
-fi
-# kgpool, editable; reinstalled when pyproject.toml changes (new dependencies)
-STAMP="$HERE/.venv-bench/.kgpool-installed"
-if [ -f "$REPO/pyproject.toml" ] && [ -f "$REPO/kgpool/cli.py" ]; then
-    if [ ! -x "$HERE/.venv-bench/bin/kgpool" ] || [ "$REPO/pyproject.toml" -nt "$STAMP" ]; then
-        echo "installing kgpool into .venv-bench" >&2
-        "$HERE/.venv-bench/bin/pip" install -q --disable-pip-version-check -e "$REPO" && touch "$STAMP"
-    fi
+if [ -n "${KGPOOL_REF:-}" ]; then
+    # benchmark a commit instead of the working tree: KGPOOL_REF=HEAD bash benchmarks/run.sh
+    SHA="$(git -C "$REPO" rev-parse --short "$KGPOOL_REF")"
+    VENV="$HERE/.venv-bench-ref"
+    SRC="$HERE/.kgpool-src"
+    rm -rf "$SRC" && mkdir -p "$SRC"
+    git -C "$REPO" archive "$SHA" | tar -x -C "$SRC"
+    [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+    "$VENV/bin/python" -c "import matplotlib" 2>/dev/null || "$VENV/bin/pip" install -q --disable-pip-version-check matplotlib
+    echo "installing kgpool $SHA into .venv-bench-ref" >&2
+    "$VENV/bin/pip" install -q --disable-pip-version-check --force-reinstall --no-deps "$SRC"
+    "$VENV/bin/pip" install -q --disable-pip-version-check "$SRC"   # its dependencies, if new
+    export KGBENCH_VENV="$VENV" KGBENCH_KGPOOL_DESC="commit $SHA ($KGPOOL_REF)"
 else
-    echo "kgpool not found in $REPO (no kgpool/cli.py yet): Kernel Gateway only" >&2
+    VENV="$HERE/.venv-bench"
+    [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+    "$VENV/bin/python" -c "import matplotlib" 2>/dev/null || "$VENV/bin/pip" install -q --disable-pip-version-check matplotlib
+    # kgpool from the working tree, editable; reinstalled when pyproject.toml changes (new dependencies)
+    STAMP="$VENV/.kgpool-installed"
+    if [ -f "$REPO/pyproject.toml" ] && [ -f "$REPO/kgpool/cli.py" ]; then
+        if [ ! -x "$VENV/bin/kgpool" ] || [ "$REPO/pyproject.toml" -nt "$STAMP" ]; then
+            echo "installing kgpool (editable) into .venv-bench" >&2
+            "$VENV/bin/pip" install -q --disable-pip-version-check -e "$REPO" && touch "$STAMP"
+        fi
+    else
+        echo "kgpool not found in $REPO (no kgpool/cli.py yet): Kernel Gateway only" >&2
+    fi
+    export KGBENCH_VENV="$VENV"
 fi
 
-exec "$HERE/.venv-bench/bin/python" "$HERE/bench.py" "$@"
+exec "$VENV/bin/python" "$HERE/bench.py" "$@"
