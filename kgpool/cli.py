@@ -11,7 +11,6 @@ import os
 import signal
 import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -19,16 +18,18 @@ from prometheus_client import disable_created_metrics
 
 from . import __version__
 from .config import Settings
-from .errors import ConfigError, InitError, NotebookError
+from .errors import ConfigError, NotebookError
 from .notebook import Notebook, load_notebook
-from .web import SERVICE, create_app
+from .web import MOUNTS, create_app
 
 log = logging.getLogger("kgpool")
 ENV_PREFIX = "KGPOOL_"
 
 
 def _env_name(name: str) -> str:
-    return ENV_PREFIX + name.upper()
+    field = next((f for f in dataclasses.fields(Settings) if f.name == name), None)
+    return str(field.metadata["env"]) if field and "env" in field.metadata \
+        else ENV_PREFIX + name.upper()
 
 
 def _serve_parser(sub: Any) -> None:
@@ -41,14 +42,15 @@ def _serve_parser(sub: Any) -> None:
     for f in dataclasses.fields(Settings):
         meta = f.metadata
         if meta.get("positional"):
-            serve.add_argument(f.name, nargs="?", metavar="NOTEBOOK",
+            serve.add_argument(f.name, nargs="*", metavar="NOTEBOOK",
                                help=f"{meta['help']} [env {_env_name(f.name)}]")
             continue
         default = f" (default: {f.default})" if f.default not in ("", False) else ""
         if _kind(f) is bool:
             serve.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
                                action=argparse.BooleanOptionalAction,
-                               help=f"{meta['help']} [env {_env_name(f.name)}=1]")
+                               help=f"{meta['help']} (default: {'on' if f.default else 'off'})"
+                                    f" [env {_env_name(f.name)}=1|0]")
             continue
         serve.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_kind(f),
                            default=None, choices=meta.get("choices"),
@@ -87,6 +89,9 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
     for f in dataclasses.fields(Settings):
         value = getattr(args, f.name, None)
         env = environ.get(_env_name(f.name))
+        if f.metadata.get("positional"):
+            values[f.name] = tuple(value) if value else ((env,) if env else ())
+            continue
         if value is None and env not in (None, ""):
             try:
                 value = _parse_bool(env) if _kind(f) is bool else _kind(f)(env)
@@ -97,9 +102,8 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
                                   f"{_kind(f).__name__}{hint}") from None
         if value is not None:
             values[f.name] = value
-    if not values.get("notebook"):
+    if not values.get("notebooks"):
         raise ConfigError("a NOTEBOOK argument (or KGPOOL_NOTEBOOK) is required")
-    values["notebook"] = Path(values["notebook"])
     return Settings(**values)
 
 
@@ -139,8 +143,16 @@ def print_routes(notebook: Notebook) -> None:
         print(f"warning: {warning}")
 
 
-async def serve(settings: Settings, notebook: Notebook) -> int:
-    app = create_app(settings, notebook)
+async def serve(settings: Settings) -> int:
+    try:
+        app = create_app(settings)
+    except (NotebookError, ConfigError) as exc:
+        log.error("%s", exc)
+        return 2
+    mounts = app[MOUNTS]
+    for mount in mounts.all:
+        for warning in mount.active.service.notebook.warnings:
+            log.warning("%s: %s", mount.name, warning)
     runner = web.AppRunner(app, handle_signals=False, access_log=None,
                            handler_cancellation=True, shutdown_timeout=2.0)
     await runner.setup()
@@ -157,7 +169,8 @@ async def serve(settings: Settings, notebook: Notebook) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    service = app[SERVICE]
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(
+        mounts.reload_changed(force=True)))
     try:
         site = web.TCPSite(runner, settings.host, settings.port)
         try:
@@ -165,31 +178,31 @@ async def serve(settings: Settings, notebook: Notebook) -> int:
         except OSError as exc:
             log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc)
             return 1
-        log.info("listening on http://%s:%d, warming %d kernel(s) for %s", settings.host,
-                 settings.port, settings.kernels, settings.notebook)
-        warm = asyncio.ensure_future(service.warmed())
+        log.info("listening on http://%s:%d, warming %s", settings.host, settings.port,
+                 ", ".join(f"{m.spec.kernels} kernel(s) for {m.spec.path}" for m in mounts.all))
+        warm = asyncio.ensure_future(mounts.warmed())
         stopped = asyncio.ensure_future(stop.wait())
         await asyncio.wait({warm, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if warm.done() and warm.exception() is not None:
-            exc = warm.exception()
-            log.error("start-up failed: %s", exc)
+            log.error("start-up failed: %s", warm.exception())
             return 1
         if not stop.is_set():
-            log.info("ready: %d kernel(s) warm; endpoints: %s", settings.kernels,
-                     ", ".join(f"{e.method} {e.path}" for e in notebook.endpoints))
+            for mount in mounts.all:
+                log.info("ready: %s at %s: %s", mount.name, mount.prefix or "/", ", ".join(
+                    f"{e.method} {e.path}" for e in mount.active.service.notebook.endpoints))
             await stop.wait()
         warm.cancel()
         log.info("draining: up to %gs for queued and running requests",
                  settings.shutdown_timeout)
         stopped_early = asyncio.ensure_future(_second_signal(lambda: signals))
-        drain = asyncio.ensure_future(service.drain(settings.shutdown_timeout))
+        drain = asyncio.ensure_future(mounts.drain(settings.shutdown_timeout))
         await asyncio.wait({drain, stopped_early}, return_when=asyncio.FIRST_COMPLETED)
         stopped_early.cancel()
         if not (drain.done() and drain.result()):
             drain.cancel()
             log.warning("shutdown timeout passed with requests unfinished; stopping anyway")
-        await service.close()  # waiting requests get 503 and running ones end before the
-        return 0               # listener closes, so no client is left without an answer
+        await mounts.close()  # waiting requests get 503 and running ones end before the
+        return 0              # listener closes, so no client is left without an answer
     finally:
         await runner.cleanup()
         log.info("stopped; all kernels shut down")
@@ -212,14 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.pop("KGPOOL_AUTH_TOKEN", None)  # kernels inherit the environment
         disable_created_metrics()  # *_created series double the count and nobody graphs them
         configure_logging(settings.log_format, settings.log_level)
-        notebook = load_notebook(settings.notebook)
-        for warning in notebook.warnings:
-            log.warning("%s", warning)
     except (NotebookError, ConfigError) as exc:
         print(f"kgpool: error: {exc}", file=sys.stderr)
         return 2
-    try:
-        return asyncio.run(serve(settings, notebook))
-    except InitError as exc:  # pragma: no cover - serve() reports it and returns 1
-        print(f"kgpool: error: {exc}", file=sys.stderr)
-        return 1
+    return asyncio.run(serve(settings))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
@@ -26,8 +25,12 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 class Settings:
     """Everything `kgpool serve` can be told; built once by the CLI (or a test)."""
 
-    notebook: Path = _opt(Path(), "the notebook (.ipynb) to serve", positional=True)
-    kernels: int = _opt(1, "number of warm kernels in the pool")
+    notebooks: tuple[str, ...] = _opt(
+        (), "notebooks to serve: files, folders of .ipynb files, or FILE=/prefix; with several "
+        "notebooks each is served under /<its name> unless given a prefix", positional=True,
+        env="KGPOOL_NOTEBOOK")
+    kernels: int = _opt(1, "number of warm kernels in each notebook's pool")
+    kernels_for: str = _opt("", "per-notebook kernel counts, NAME=N[,NAME=N...]")
     host: str = _opt("127.0.0.1", "address to listen on")
     port: int = _opt(8888, "TCP port to listen on")
     kernel_name: str = _opt(
@@ -73,6 +76,8 @@ class Settings:
     allow_credentials: bool = _opt(False, "CORS: let browsers send cookies/credentials")
     expose_traceback: bool = _opt(
         False, "include the cell's traceback in 500 answers (debugging only: it shows code)")
+    reload: bool = _opt(True, "reload a notebook when its file changes (also on SIGHUP): a new "
+                        "pool is warmed and swapped in; a broken version is refused")
     log_format: str = _opt("text", "log line format: text or json", choices=LOG_FORMATS)
     log_level: str = _opt("info", "log level", choices=LOG_LEVELS)
 

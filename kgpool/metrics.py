@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
-from prometheus_client import (
-    REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
-)
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import ProcessCollector
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
@@ -18,6 +17,10 @@ from .pool import PoolStatus
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _STARTUP = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+RESTART_REASONS = ("crash", "timeout", "recycle", "init_failed")
+REJECT_REASONS = ("queue_full", "draining", "not_ready")
+# notebook name -> the status of every pool serving it (two while a reload swaps pools)
+StatusSource = Callable[[], Mapping[str, list[PoolStatus]]]
 
 
 def _with(buckets: tuple[float, ...], *extra: float | None) -> tuple[float, ...]:
@@ -25,93 +28,108 @@ def _with(buckets: tuple[float, ...], *extra: float | None) -> tuple[float, ...]
 
 
 class _PoolCollector(Collector):
-    """Queue and kernel gauges read from the pool at scrape time, so they are never stale."""
+    """Queue and kernel gauges read from the pools at scrape time, so they are never stale."""
 
-    def __init__(self, status: Callable[[], PoolStatus | None]) -> None:
-        self._status = status
+    def __init__(self, source: Callable[[], StatusSource | None]) -> None:
+        self._source = source
 
     def collect(self) -> Iterator[Metric]:
-        status = self._status()
-        if status is None:
+        source = self._source()
+        if source is None:
             return
-        depth = GaugeMetricFamily("kgpool_queue_depth", "Requests waiting for a kernel.")
-        depth.add_metric([], status.queued)
-        kernels = GaugeMetricFamily("kgpool_kernels", "Kernels by state.", labels=["state"])
-        for state, count in (("starting", status.starting), ("idle", status.idle),
-                             ("busy", status.busy), ("stopping", status.stopping)):
-            kernels.add_metric([state], count)
-        desired = GaugeMetricFamily("kgpool_kernels_desired", "Kernels the pool keeps warm.")
-        desired.add_metric([], status.desired)
-        yield from (depth, kernels, desired)
+        depth = GaugeMetricFamily("kgpool_queue_depth", "Requests waiting for a kernel.",
+                                  labels=["notebook"])
+        capacity = GaugeMetricFamily("kgpool_queue_capacity",
+                                     "Requests allowed to wait for a kernel.",
+                                     labels=["notebook"])
+        kernels = GaugeMetricFamily("kgpool_kernels", "Kernels by state.",
+                                    labels=["notebook", "state"])
+        desired = GaugeMetricFamily("kgpool_kernels_desired", "Kernels the pool keeps warm.",
+                                    labels=["notebook"])
+        for name, statuses in source().items():
+            live = [s for s in statuses if not s.draining] or statuses[:1]
+            depth.add_metric([name], sum(s.queued for s in statuses))
+            capacity.add_metric([name], sum(s.capacity for s in live))
+            desired.add_metric([name], sum(s.desired for s in live))
+            for state in ("starting", "idle", "busy", "stopping"):
+                kernels.add_metric([name, state], sum(getattr(s, state) for s in statuses))
+        yield from (depth, capacity, kernels, desired)
 
 
 class Metrics:
     """Every kgpool metric; one instance per app, on the registry it is given."""
 
-    def __init__(self, registry: CollectorRegistry, *, timeout: float | None = None,
-                 max_queue: int = 0) -> None:
+    def __init__(self, registry: CollectorRegistry, *, timeout: float | None = None) -> None:
         latency = _with(_LATENCY, timeout)
         self.requests = Counter("kgpool_http_requests", "HTTP requests answered.",
-                                ["route", "method", "code"], registry=registry)
+                                ["notebook", "route", "method", "code"], registry=registry)
         self.duration = Histogram("kgpool_http_request_duration_seconds",
                                   "Time from request to response, queue wait included.",
-                                  ["route", "method"], buckets=latency, registry=registry)
+                                  ["notebook", "route", "method"], buckets=latency,
+                                  registry=registry)
         self.execution = Histogram("kgpool_execution_duration_seconds",
-                                   "Time a kernel spent on a request's code.", ["route"],
-                                   buckets=latency, registry=registry)
+                                   "Time a kernel spent on a request's code.",
+                                   ["notebook", "route"], buckets=latency, registry=registry)
         self.queue_wait = Histogram("kgpool_queue_wait_seconds",
-                                    "Time a request waited for a kernel.", buckets=latency,
-                                    registry=registry)
+                                    "Time a request waited for a kernel.", ["notebook"],
+                                    buckets=latency, registry=registry)
         self.in_flight = Gauge("kgpool_requests_in_flight",
                                "Requests being handled, queued or running.", registry=registry)
         self.rejected = Counter("kgpool_requests_rejected", "Requests refused without running.",
-                                ["reason"], registry=registry)
+                                ["notebook", "reason"], registry=registry)
         self.restarts = Counter("kgpool_kernel_restarts", "Kernels replaced, by reason.",
-                                ["reason"], registry=registry)
+                                ["notebook", "reason"], registry=registry)
         self.kernel_start = Histogram("kgpool_kernel_start_duration_seconds",
                                       "Time to start a kernel process until it answers.",
-                                      buckets=_STARTUP, registry=registry)
+                                      ["notebook"], buckets=_STARTUP, registry=registry)
         self.init = Histogram("kgpool_init_duration_seconds",
-                              "Time a kernel spent running the init cells.",
+                              "Time a kernel spent running the init cells.", ["notebook"],
                               buckets=_STARTUP, registry=registry)
-        capacity = Gauge("kgpool_queue_capacity", "Requests allowed to wait for a kernel.",
-                         registry=registry)
-        capacity.set(max_queue)
         info = Gauge("kgpool_build_info", "kgpool build information.",
                      ["version", "python"], registry=registry)
         info.labels(__version__, platform.python_version()).set(1)
-        for reason in ("crash", "timeout", "recycle", "init_failed"):  # zero series exist before the first event
-            self.restarts.labels(reason)
-        for reason in ("queue_full", "draining", "not_ready"):
-            self.rejected.labels(reason)
-        self._status: Callable[[], PoolStatus | None] = lambda: None
-        registry.register(_PoolCollector(lambda: self._status()))
+        self._source: StatusSource | None = None
+        registry.register(_PoolCollector(lambda: self._source))
         if registry is not REGISTRY:  # the default one has the process collectors already
             ProcessCollector(registry=registry)
             PlatformCollector(registry=registry)
             GCCollector(registry=registry)
 
-    def watch_pool(self, status: Callable[[], PoolStatus | None]) -> None:
-        self._status = status
+    def watch_pools(self, source: StatusSource) -> None:
+        self._source = source
 
-    # PoolListener
+    def for_notebook(self, name: str) -> NotebookMetrics:
+        return NotebookMetrics(self, name)
+
+    def answered(self, notebook: str, route: str, method: str, code: int,
+                 seconds: float) -> None:
+        self.requests.labels(notebook, route, method, str(code)).inc()
+        self.duration.labels(notebook, route, method).observe(seconds)
+
+
+class NotebookMetrics:
+    """The events of one notebook's service and pool (it is the pool's PoolListener)."""
+
+    def __init__(self, metrics: Metrics, name: str) -> None:
+        self.name = name
+        self._m = metrics
+        for reason in RESTART_REASONS:  # zero series exist before the first event
+            metrics.restarts.labels(name, reason)
+        for reason in REJECT_REASONS:
+            metrics.rejected.labels(name, reason)
+
     def kernel_restarted(self, reason: str) -> None:
-        self.restarts.labels(reason).inc()
+        self._m.restarts.labels(self.name, reason).inc()
 
     def queue_waited(self, seconds: float) -> None:
-        self.queue_wait.observe(seconds)
+        self._m.queue_wait.labels(self.name).observe(seconds)
 
-    # events from the service and the web layer
     def kernel_warmed(self, start_seconds: float, init_seconds: float) -> None:
-        self.kernel_start.observe(start_seconds)
-        self.init.observe(init_seconds)
+        self._m.kernel_start.labels(self.name).observe(start_seconds)
+        self._m.init.labels(self.name).observe(init_seconds)
 
     def executed(self, route: str, seconds: float) -> None:
-        self.execution.labels(route).observe(seconds)
-
-    def answered(self, route: str, method: str, code: int, seconds: float) -> None:
-        self.requests.labels(route, method, str(code)).inc()
-        self.duration.labels(route, method).observe(seconds)
+        self._m.execution.labels(self.name, route).observe(seconds)
 
     def rejected_request(self, reason: str) -> None:
-        self.rejected.labels(reason).inc()
+        self._m.rejected.labels(self.name, reason).inc()

@@ -21,6 +21,7 @@ access_log = logging.getLogger("kgpool.access")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CALL = web.RequestKey("call", CallInfo)
 ROUTE = web.RequestKey("route", str)
+NOTEBOOK = web.RequestKey("notebook", str)
 OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/_api/spec/swagger.json",
                        "/_api/spec/openapi.json"})
 PROBES = frozenset({"/healthz", "/readyz"})
@@ -51,13 +52,15 @@ def access(metrics: Metrics) -> Any:
             route = request.get(ROUTE, request.path if ops else "unmatched")
             if not ops:
                 metrics.in_flight.dec()
-                metrics.answered(route, request.method, status, elapsed)
+                metrics.answered(request.get(NOTEBOOK, ""), route, request.method, status,
+                                 elapsed)
             access_log.log(
                 logging.DEBUG if ops else logging.INFO,  # probes and scrapes would drown it
                 "%s %s %d %.1fms route=%s queue=%.1fms slot=%s id=%s", request.method,
                 request.path, status, elapsed * 1000, route, info.queue_wait * 1000,
                 info.slot, request_id,
                 extra={"request_id": request_id, "method": request.method, "route": route,
+                       "notebook": request.get(NOTEBOOK, ""),
                        "status": status, "duration_ms": round(elapsed * 1000, 3),
                        "queue_wait_ms": round(info.queue_wait * 1000, 3),
                        "kernel_slot": info.slot, "kernel_pid": info.kernel_pid})

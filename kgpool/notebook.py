@@ -305,29 +305,30 @@ def bind_request(language: str, request: str) -> str:
     return f"REQUEST = {json.dumps(request)}\n"
 
 
-def swagger(notebook: Notebook) -> dict[str, Any]:
+def swagger(served: list[tuple[str, Notebook]]) -> dict[str, Any]:
     """The Swagger 2.0 document Kernel Gateway serves at /_api/spec/swagger.json."""
     paths: dict[str, dict[str, Any]] = {}
-    for ep in notebook.endpoints:
-        paths.setdefault(ep.path, {})[ep.method.lower()] = {
-            "responses": {"200": {"description": "Success"}}}
-    return {"swagger": "2.0", "paths": paths,
-            "info": {"version": "0.0.0", "title": notebook.name}}
+    for prefix, notebook in served:
+        for ep in notebook.endpoints:
+            paths.setdefault(prefix + ep.path, {})[ep.method.lower()] = {
+                "responses": {"200": {"description": "Success"}}}
+    title = served[0][1].name if len(served) == 1 else "kgpool"
+    return {"swagger": "2.0", "paths": paths, "info": {"version": "0.0.0", "title": title}}
 
 
 _ERROR_SCHEMA = {"type": "object", "required": ["error", "message"],
                  "properties": {"error": {"type": "string"}, "message": {"type": "string"}}}
 
 
-def openapi(notebook: Notebook) -> dict[str, Any]:
-    """An OpenAPI 3 document for the notebook's endpoints and kgpool's operational paths."""
+def openapi(served: list[tuple[str, Notebook]]) -> dict[str, Any]:
+    """An OpenAPI 3 document for the notebooks' endpoints and kgpool's operational paths."""
     error = {"content": {"application/json": {"schema": _ERROR_SCHEMA}}}
     paths: dict[str, dict[str, Any]] = {}
-    for ep in notebook.endpoints:
-        template = "/".join(lit + ("{" + param + "}" if param else "")
-                            for lit, param in _split_path(ep.path))
+    for prefix, ep in [(prefix, ep) for prefix, nb in served for ep in nb.endpoints]:
+        template = prefix + "/".join(lit + ("{" + param + "}" if param else "")
+                                     for lit, param in _split_path(ep.path))
         operation: dict[str, Any] = {
-            "operationId": f"{ep.method.lower()}{re.sub(r'[^A-Za-z0-9]+', '_', ep.path)}",
+            "operationId": f"{ep.method.lower()}{re.sub(r'[^A-Za-z0-9]+', '_', prefix + ep.path)}",
             "summary": f"notebook cells {', '.join(map(str, ep.cells))}",
             "parameters": [{"name": p, "in": "path", "required": True,
                             "schema": {"type": "string", "minLength": 1}} for p in ep.params],
@@ -351,7 +352,8 @@ def openapi(notebook: Notebook) -> dict[str, Any]:
                                "tags": ["operations"], "responses": {
                                    "200": {"description": "OK"},
                                    "503": {"description": "not ready", **error}}}}
+    names = ", ".join(nb.name for _, nb in served)
     return {"openapi": "3.0.3",
-            "info": {"title": notebook.name, "version": "0.0.0",
-                     "description": f"Endpoints of the notebook {notebook.name}, served by kgpool"},
+            "info": {"title": served[0][1].name if len(served) == 1 else "kgpool",
+                     "version": "0.0.0", "description": f"Endpoints of {names}, served by kgpool"},
             "paths": paths}

@@ -55,6 +55,7 @@ class PoolStatus:
     busy: int
     stopping: int
     queued: int
+    capacity: int
     draining: bool
     failing: tuple[str, ...]
 
@@ -90,8 +91,8 @@ class KernelPool:
 
     def status(self) -> PoolStatus:
         return PoolStatus(self.size, len(self._starting), len(self._idle), len(self._busy),
-                          self._stopping, len(self._waiters), self._draining or self._closed,
-                          tuple(self._failing.values()))
+                          self._stopping, len(self._waiters), self.max_queue,
+                          self._draining or self._closed, tuple(self._failing.values()))
 
     @property
     def ready(self) -> bool:

@@ -23,7 +23,7 @@ from .errors import (
 )
 from .direct import DirectChannel
 from .kernel import Kernel
-from .metrics import Metrics
+from .metrics import NotebookMetrics
 from .outputs import ExecutionResult
 from .notebook import Endpoint, Notebook, RequestData, bind_request, request_document
 from .pool import KernelPool, Lease, PoolStatus
@@ -50,21 +50,20 @@ class CallInfo:
 
 
 class NotebookService:
-    def __init__(self, notebook: Notebook, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, notebook: Notebook, settings: Settings, metrics: NotebookMetrics, *,
+                 path: Path | None = None, kernels: int | None = None) -> None:
         self.notebook = notebook
         self.settings = settings
         self.metrics = metrics
         self.kernel_name = settings.kernel_name or notebook.kernel_name
-        self._cwd = str(Path(settings.notebook).resolve().parent) if settings.notebook.name \
-            else None
+        self._cwd = str(path.resolve().parent) if path is not None else None
         self._context = zmq.asyncio.Context()
         self._ipc_dir = tempfile.mkdtemp(prefix="kgpool-")
-        self.pool = KernelPool(self._make_kernel, settings.kernels,
+        self.pool = KernelPool(self._make_kernel, kernels or settings.kernels,
                                max_queue=settings.max_queue,
                                max_requests=settings.max_requests,
                                max_requests_jitter=settings.max_requests_jitter,
                                listener=metrics)
-        metrics.watch_pool(self.pool.status)
         self._index = {ep: i for i, ep in enumerate(notebook.endpoints)}
         self._direct: weakref.WeakKeyDictionary[Kernel, DirectChannel] = \
             weakref.WeakKeyDictionary()

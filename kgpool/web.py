@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
 import re
 from typing import Any
@@ -17,13 +17,14 @@ from .errors import (
     QueueFull, ResponseInfoError,
 )
 from .metrics import Metrics
-from .middleware import CALL, ROUTE, error_response, middlewares
-from .notebook import Notebook, RequestData, Router, openapi, swagger
-from .service import NotebookService
+from .middleware import CALL, NOTEBOOK, ROUTE, error_response, middlewares
+from .index import render_index
+from .mounts import Mounts, mount_specs
+from .notebook import Notebook, RequestData, openapi, swagger
 
 log = logging.getLogger(__name__)
 
-SERVICE = web.AppKey("service", NotebookService)
+MOUNTS = web.AppKey("mounts", Mounts)
 RETRY_AFTER = "1"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -56,25 +57,26 @@ def describe(exc: BaseException) -> tuple[int, str, str, dict[str, str]]:
 
 
 class NotebookHandler:
-    """Routes every non-operational path to the notebook's endpoints."""
+    """Routes every non-operational path to the endpoint of the notebook mounted there."""
 
-    def __init__(self, service: NotebookService, settings: Settings) -> None:
-        self.service = service
-        self.router = Router(service.notebook.endpoints)
+    def __init__(self, mounts: Mounts, settings: Settings) -> None:
+        self.mounts = mounts
         self.max_body = settings.max_body_size
         self.hide_authorization = bool(settings.auth_token)
         self.expose_traceback = settings.expose_traceback
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         try:
-            found = self.router.match(request.rel_url.raw_path)
+            found = self.mounts.match(request.rel_url.raw_path)
         except UnicodeDecodeError:
             return error_response(400, "bad_path", "the path is not valid percent-encoded UTF-8")
         if found is None:
+            if request.path == "/" and request.method == "GET":
+                return index_page(self.mounts)
             request[ROUTE] = "unmatched"
             return error_response(404, "not_found", f"no endpoint at {request.path}")
-        route, params = found
-        request[ROUTE] = route.path
+        mount, active, route, params = found
+        request[NOTEBOOK], request[ROUTE] = mount.name, route.path
         endpoint = route.endpoints.get(request.method)
         if endpoint is None:
             allow = ", ".join(route.allowed)
@@ -94,13 +96,12 @@ class NotebookHandler:
                                   errors="surrogateescape")),
             params=params,
             headers=tuple(headers))
-        info = request[CALL]
         try:
-            reply = await self.service.call(endpoint, data, info)
+            reply = await active.service.call(endpoint, data, request[CALL])
         except Exception as exc:
             status, error, message, headers = describe(exc)
             if error in REJECTIONS:
-                self.service.metrics.rejected_request(error)
+                active.service.metrics.rejected_request(error)
             if self.expose_traceback and isinstance(exc, ExecutionError):
                 return web.json_response({"error": error, "message": message, "traceback": [
                     _ANSI.sub("", line) for line in exc.traceback]}, status=500)
@@ -109,59 +110,79 @@ class NotebookHandler:
 
 
 class OpsHandlers:
-    """Health, readiness, metrics and spec: never queued behind kernels."""
+    """Health, readiness, metrics and specs: never queued behind kernels."""
 
-    def __init__(self, service: NotebookService, registry: CollectorRegistry,
-                 notebook: Notebook) -> None:
-        self.service = service
+    def __init__(self, mounts: Mounts, registry: CollectorRegistry) -> None:
+        self.mounts = mounts
         self.registry = registry
-        self.spec = json.dumps(swagger(notebook))
-        self.openapi_spec = json.dumps(openapi(notebook))
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        status = self.service.status()
-        body = {"status": "ready" if self.service.ready else "not ready",
+        ready = self.mounts.ready
+        notebooks = {}
+        for mount in self.mounts.all:
+            status = mount.active.service.status()
+            notebooks[mount.name] = {
+                "prefix": mount.prefix or "/", "ready": mount.active.service.ready,
                 "kernels": {"desired": status.desired, "idle": status.idle,
                             "busy": status.busy, "starting": status.starting},
-                "queued": status.queued, "draining": status.draining,
-                "failing": list(status.failing)}
-        return web.json_response(body, status=200 if self.service.ready else 503)
+                "queued": status.queued, "failing": list(status.failing),
+                "reload_error": mount.reload_error}
+        total = {key: sum(n["kernels"][key] for n in notebooks.values())
+                 for key in ("desired", "idle", "busy", "starting")}
+        body = {"status": "ready" if ready else "not ready", "kernels": total,
+                "queued": sum(n["queued"] for n in notebooks.values()),
+                "draining": any(m.active.service.status().draining for m in self.mounts.all),
+                "failing": [f for n in notebooks.values() for f in n["failing"]],
+                "notebooks": notebooks}
+        return web.json_response(body, status=200 if ready else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    def _served(self) -> list[tuple[str, Notebook]]:
+        return [(m.prefix, m.active.service.notebook) for m in self.mounts.all]
+
     async def swagger(self, request: web.Request) -> web.Response:
-        return web.Response(text=self.spec, content_type="application/json")
+        return web.json_response(swagger(self._served()))
 
     async def openapi(self, request: web.Request) -> web.Response:
-        return web.Response(text=self.openapi_spec, content_type="application/json")
+        return web.json_response(openapi(self._served()))
 
 
-def create_app(settings: Settings, notebook: Notebook,
-               registry: CollectorRegistry | None = None) -> web.Application:
-    """The whole HTTP application; the pool warms in the background once the app starts."""
+def index_page(mounts: Mounts) -> web.Response:
+    return web.Response(text=render_index([(m.name, m.prefix, m.active.service.notebook)
+                                           for m in mounts.all]), content_type="text/html")
+
+
+def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> web.Application:
+    """The whole HTTP application; pools warm in the background once the app starts.
+
+    Raises NotebookError or ConfigError at once for a notebook that cannot be served."""
     registry = registry if registry is not None else CollectorRegistry()
-    metrics = Metrics(registry, timeout=settings.request_timeout, max_queue=settings.max_queue)
-    service = NotebookService(notebook, settings, metrics)
+    metrics = Metrics(registry, timeout=settings.request_timeout)
+    mounts = Mounts(mount_specs(settings), settings, metrics)
     app = web.Application(middlewares=middlewares(settings, metrics),
                           client_max_size=settings.max_body_size)
-    app[SERVICE] = service
-    ops = OpsHandlers(service, registry, notebook)
+    app[MOUNTS] = mounts
+    ops = OpsHandlers(mounts, registry)
     app.router.add_get("/healthz", ops.healthz)
     app.router.add_get("/readyz", ops.readyz)
     app.router.add_get("/metrics", ops.metrics)
     app.router.add_get("/_api/spec/swagger.json", ops.swagger)
     app.router.add_get("/_api/spec/openapi.json", ops.openapi)
-    app.router.add_route("*", "/{tail:.*}", NotebookHandler(service, settings).handle)
+    app.router.add_route("*", "/{tail:.*}", NotebookHandler(mounts, settings).handle)
 
-    async def pool_ctx(app: web.Application) -> Any:
-        service.begin()
+    async def pools(app: web.Application) -> Any:
+        mounts.begin()
+        watcher = asyncio.ensure_future(mounts.watch()) if settings.reload else None
         yield
-        await service.close()
+        if watcher is not None:
+            watcher.cancel()
+        await mounts.close()
 
-    app.cleanup_ctx.append(pool_ctx)
+    app.cleanup_ctx.append(pools)
     return app

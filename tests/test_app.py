@@ -12,8 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from conftest import NOTEBOOKS
 from kgpool.config import Settings
-from kgpool.notebook import load_notebook
-from kgpool.web import SERVICE, create_app
+from kgpool.web import MOUNTS, create_app
 
 pytestmark = pytest.mark.timeout(90)
 ClientFactory = Callable[[Any], Awaitable[TestClient]]
@@ -21,10 +20,10 @@ ClientFactory = Callable[[Any], Awaitable[TestClient]]
 
 async def make_client(aiohttp_client: ClientFactory, registry: CollectorRegistry,
                       **settings: Any) -> TestClient:
-    cfg = Settings(notebook=NOTEBOOKS / "kitchen.ipynb",
+    cfg = Settings(notebooks=(str(NOTEBOOKS / "kitchen.ipynb"),),
                    channel=os.environ.get("KGPOOL_CHANNEL", "direct"), **settings)
-    client = await aiohttp_client(create_app(cfg, load_notebook(cfg.notebook), registry))
-    await client.app[SERVICE].warmed()
+    client = await aiohttp_client(create_app(cfg, registry))
+    await client.app[MOUNTS].warmed()
     return client
 
 
@@ -45,20 +44,22 @@ async def test_counters_are_exact(aiohttp_client: ClientFactory) -> None:
     assert (await client.get("/loop")).status == 504
     assert (await client.get("/healthz")).status == 200  # operational paths are not counted
     total = "kgpool_http_requests_total"
-    assert sample(registry, total, route="/state", method="GET", code="200") == 5
-    assert sample(registry, total, route="/raise", method="GET", code="500") == 2
-    assert sample(registry, total, route="unmatched", method="GET", code="404") == 1
-    assert sample(registry, total, route="/state", method="POST", code="405") == 1
-    assert sample(registry, total, route="/loop", method="GET", code="504") == 1
-    assert sample(registry, "kgpool_http_request_duration_seconds_count",
+    nb = "kitchen"
+    assert sample(registry, total, notebook=nb, route="/state", method="GET", code="200") == 5
+    assert sample(registry, total, notebook=nb, route="/raise", method="GET", code="500") == 2
+    assert sample(registry, total, notebook="", route="unmatched", method="GET",
+                  code="404") == 1
+    assert sample(registry, total, notebook=nb, route="/state", method="POST", code="405") == 1
+    assert sample(registry, total, notebook=nb, route="/loop", method="GET", code="504") == 1
+    assert sample(registry, "kgpool_http_request_duration_seconds_count", notebook=nb,
                   route="/state", method="GET") == 5
-    assert sample(registry, "kgpool_kernel_restarts_total", reason="timeout") == 1
-    assert sample(registry, "kgpool_kernels_desired") == 1
+    assert sample(registry, "kgpool_kernel_restarts_total", notebook=nb, reason="timeout") == 1
+    assert sample(registry, "kgpool_kernels_desired", notebook=nb) == 1
     assert sample(registry, "kgpool_requests_in_flight") == 0
     assert sample(registry, "kgpool_build_info", version=__import__("kgpool").__version__,
                   python=__import__("platform").python_version()) == 1
     # the request timeout is a histogram bucket boundary
-    assert sample(registry, "kgpool_http_request_duration_seconds_bucket",
+    assert sample(registry, "kgpool_http_request_duration_seconds_bucket", notebook=nb,
                   route="/loop", method="GET", le="3.0") == 0
 
 
@@ -67,10 +68,11 @@ async def test_readiness_reflects_the_pool(aiohttp_client: ClientFactory) -> Non
     client = await make_client(aiohttp_client, registry, kernels=2)
     body = await (await client.get("/readyz")).json()
     assert body["status"] == "ready" and body["kernels"]["idle"] == 2
-    assert sample(registry, "kgpool_kernels", state="idle") == 2
-    await client.app[SERVICE].drain(1.0)
+    assert sample(registry, "kgpool_kernels", notebook="kitchen", state="idle") == 2
+    await client.app[MOUNTS].drain(1.0)
     resp = await client.get("/readyz")
     assert resp.status == 503 and (await resp.json())["draining"] is True
     refused = await client.get("/state")
     assert refused.status == 503 and (await refused.json())["error"] == "draining"
-    assert sample(registry, "kgpool_requests_rejected_total", reason="draining") == 1
+    assert sample(registry, "kgpool_requests_rejected_total", notebook="kitchen",
+                  reason="draining") == 1

@@ -165,7 +165,7 @@ def test_python_binding_is_one_exact_literal(value: str) -> None:
 
 def test_swagger_document() -> None:
     nb = parse_notebook(nb_text("# GET /a/:id", "# POST /a/:id", "# GET /b"), name="demo")
-    spec = swagger(nb)
+    spec = swagger([("", nb)])
     assert spec == {"swagger": "2.0", "info": {"version": "0.0.0", "title": "demo"},
                     "paths": {"/a/:id": {"get": {"responses": {"200": {"description": "Success"}}},
                                          "post": {"responses": {"200": {"description": "Success"}}}},

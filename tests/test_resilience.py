@@ -34,10 +34,15 @@ def warm_kernels(server: Server) -> int:
 
 
 def metric(server: Server, name: str, labels: str = "") -> float:
+    """The sum of a metric's samples whose labels include all of `labels` (a="x",b="y")."""
+    wanted = [part for part in labels.split(",") if part]
+    total = 0.0
     for line in server.get("/metrics").text.splitlines():
-        if line.startswith(name + ("{" + labels + "}" if labels else " ")):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            series = line.rsplit(" ", 1)[0]
+            if all(part in series for part in wanted):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def test_endless_loop_times_out_and_kernel_is_replaced() -> None:
@@ -194,7 +199,7 @@ def test_failing_replacements_make_readyz_fail_and_requests_503(tmp_path: Path) 
         assert "flag file present" in " ".join(ready["failing"])
         started = time.monotonic()
         resp = server.get("/ok")
-        assert resp.status == 503 and resp.json()["error"] == "unavailable"
+        assert resp.status == 503 and resp.json()["error"] == "not_ready"
         assert time.monotonic() - started < 2  # not waiting for the deadline
         assert "failed to warm" in server.output()
         flag.unlink()  # the cause goes away: the back-off retry heals the pool

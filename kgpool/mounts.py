@@ -1,0 +1,242 @@
+"""The notebooks being served: one NotebookService per notebook under its URL prefix, hot-swapped
+for a freshly warmed one when the file changes (or on SIGHUP)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Settings
+from .errors import ConfigError, InitError, KgpoolError
+from .metrics import Metrics
+from .notebook import Notebook, Route, Router, load_notebook
+from .pool import PoolStatus
+from .service import NotebookService
+
+log = logging.getLogger(__name__)
+
+OPS_PATHS = ("/healthz", "/readyz", "/metrics", "/_api/spec/swagger.json",
+             "/_api/spec/openapi.json")
+_PREFIX = re.compile(r"(/[A-Za-z0-9._~-]+)+\Z")
+
+
+@dataclass(frozen=True)
+class MountSpec:
+    name: str  # the notebook's file name without .ipynb: log and metrics label
+    path: Path
+    prefix: str  # "" serves at the root
+    kernels: int
+
+
+def mount_specs(settings: Settings) -> list[MountSpec]:
+    """NOTEBOOK arguments (files, folders, `file=/prefix`) -> what to serve where."""
+    found: list[tuple[Path, str | None]] = []
+    for arg in settings.notebooks:
+        text, eq, prefix = arg.partition("=")
+        path = Path(text)
+        if path.is_dir():
+            if eq:
+                raise ConfigError(f"{arg}: a folder takes no prefix; each notebook is served "
+                                  "under its own name")
+            files = sorted(p for p in path.glob("*.ipynb") if p.is_file())
+            if not files:
+                raise ConfigError(f"{path}: no .ipynb file in this folder")
+            found.extend((f, None) for f in files)
+        else:
+            found.append((path, prefix.rstrip("/") if eq else None))
+    if not found:
+        raise ConfigError("give at least one NOTEBOOK (or set KGPOOL_NOTEBOOK)")
+    counts = _kernel_counts(settings.kernels_for)
+    single = len(found) == 1
+    specs, names, prefixes = [], set(), set()
+    for path, prefix in found:
+        name = path.stem
+        if prefix is None:
+            prefix = "" if single else "/" + name
+        if prefix and not _PREFIX.match(prefix):
+            raise ConfigError(f"prefix {prefix!r} for {path}: use /letters-digits-._~ segments")
+        if name in names:
+            raise ConfigError(f"two notebooks are named {name!r}; rename one")
+        if prefix in prefixes:
+            raise ConfigError(f"two notebooks would be served under {prefix or '/'}")
+        names.add(name)
+        prefixes.add(prefix)
+        specs.append(MountSpec(name, path, prefix, counts.pop(name, settings.kernels)))
+    if counts:
+        raise ConfigError(f"--kernels-for names no served notebook: {', '.join(counts)}")
+    return specs
+
+
+def _kernel_counts(text: str) -> dict[str, int]:
+    counts = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        if not value.strip().isdigit() or int(value) < 1:
+            raise ConfigError(f"--kernels-for wants NAME=N with N >= 1, not {item!r}")
+        counts[name.strip()] = int(value)
+    return counts
+
+
+ClashCheck = Callable[["Mount", Notebook], None]
+
+
+@dataclass(frozen=True)
+class Active:
+    """A service and the router for its notebook: swapped together, read together."""
+
+    service: NotebookService
+    router: Router
+
+
+class Mount:
+    def __init__(self, spec: MountSpec, settings: Settings, metrics: Metrics) -> None:
+        self.spec = spec
+        self.name, self.prefix = spec.name, spec.prefix
+        self._settings = settings
+        self._metrics = metrics.for_notebook(spec.name)
+        self.active = self._activate(load_notebook(spec.path))
+        self.retiring: list[NotebookService] = []
+        self.reload_error: str | None = None
+        self._stamp = _stamp(spec.path)
+        self._lock = asyncio.Lock()
+
+    def _activate(self, notebook: Notebook) -> Active:
+        service = NotebookService(notebook, self._settings, self._metrics, path=self.spec.path,
+                                  kernels=self.spec.kernels)
+        return Active(service, Router(notebook.endpoints))
+
+    def statuses(self) -> list[PoolStatus]:
+        return [self.active.service.status()] + [s.status() for s in self.retiring]
+
+    def changed(self) -> bool:
+        return _stamp(self.spec.path) != self._stamp
+
+    async def reload(self, clashes: ClashCheck) -> bool:
+        """Warm the notebook's new version beside the old; switch only if it is good."""
+        async with self._lock:
+            self._stamp = _stamp(self.spec.path)
+            try:
+                notebook = load_notebook(self.spec.path)
+                clashes(self, notebook)
+                fresh = self._activate(notebook)
+            except KgpoolError as exc:
+                return self._refuse(str(exc))
+            log.info("%s: warming the new version of %s", self.name, self.spec.path)
+            fresh.service.begin()
+            try:
+                await fresh.service.warmed()
+            except (InitError, KgpoolError) as exc:
+                await fresh.service.close()
+                return self._refuse(str(exc))
+            old, self.active, self.reload_error = self.active, fresh, None
+            log.info("%s: switched to the new version; retiring the old kernels", self.name)
+            self.retiring.append(old.service)
+        try:
+            await old.service.drain(self._settings.shutdown_timeout)
+        finally:
+            await old.service.close()
+            self.retiring.remove(old.service)
+        return True
+
+    def _refuse(self, reason: str) -> bool:
+        self.reload_error = reason
+        log.error("%s: new version refused, the old one keeps serving: %s", self.name, reason)
+        return False
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (0, 0)
+    return (st.st_mtime_ns, st.st_size)
+
+
+def _shape(template: str) -> tuple[tuple[str, bool], ...]:
+    """What a template matches: literal prefixes and where parameters are, names aside."""
+    return tuple((part.split(":", 1)[0], ":" in part) for part in template.split("/"))
+
+
+class Mounts:
+    """All served notebooks; requests find theirs by URL prefix, longest first."""
+
+    def __init__(self, specs: list[MountSpec], settings: Settings, metrics: Metrics) -> None:
+        self._settings = settings
+        self.all: list[Mount] = []
+        for spec in specs:
+            mount = Mount(spec, settings, metrics)
+            self.check_clashes(mount, mount.active.service.notebook)
+            self.all.append(mount)
+        self._by_prefix = sorted(self.all, key=lambda m: len(m.prefix), reverse=True)
+        metrics.watch_pools(lambda: {m.name: m.statuses() for m in self.all})
+
+    def check_clashes(self, mount: Mount, notebook: Notebook) -> None:
+        """ConfigError if a route of `notebook` under mount.prefix has the same shape as
+        another notebook's route, or is one of kgpool's own paths."""
+        mine = {_shape(mount.prefix + ep.path): ep.path for ep in notebook.endpoints}
+        for path in OPS_PATHS:
+            if _shape(path) in mine:
+                raise ConfigError(f"{mount.name}: {mine[_shape(path)]} is {path}, which kgpool "
+                                  "serves itself")
+        for other in self.all:
+            if other is mount:
+                continue
+            for ep in other.active.service.notebook.endpoints:
+                shape = _shape(other.prefix + ep.path)
+                if shape in mine:
+                    raise ConfigError(f"route clash: {mount.name} {mount.prefix}{mine[shape]} "
+                                      f"and {other.name} {other.prefix}{ep.path}")
+
+    def match(self, raw_path: str) -> tuple[Mount, Active, Route, dict[str, str]] | None:
+        for mount in self._by_prefix:
+            if mount.prefix and not (raw_path == mount.prefix
+                                     or raw_path.startswith(mount.prefix + "/")):
+                continue
+            active = mount.active
+            found = active.router.match(raw_path[len(mount.prefix):] or "/")
+            if found is not None:
+                return mount, active, found[0], found[1]
+        return None
+
+    def begin(self) -> None:
+        for mount in self.all:
+            mount.active.service.begin()
+
+    async def warmed(self) -> None:
+        await asyncio.gather(*(m.active.service.warmed() for m in self.all))
+
+    @property
+    def ready(self) -> bool:
+        return all(m.active.service.ready for m in self.all)
+
+    async def drain(self, timeout: float) -> bool:
+        results = await asyncio.gather(*(m.active.service.drain(timeout) for m in self.all))
+        return all(results)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(m.active.service.close() for m in self.all))
+
+    async def reload_changed(self, force: bool = False) -> None:
+        changed = [m for m in self.all if force or m.changed()]
+        await asyncio.gather(*(m.reload(self.check_clashes) for m in changed))
+
+    async def watch(self, interval: float = 1.0) -> None:
+        """Poll the notebook files; a file must hold still for one interval before a reload."""
+        seen: dict[str, tuple[int, int]] = {}
+        while True:
+            await asyncio.sleep(interval)
+            for mount in self.all:
+                if not mount.changed():
+                    seen.pop(mount.name, None)
+                    continue
+                stamp = _stamp(mount.spec.path)
+                if seen.get(mount.name) == stamp and stamp != (0, 0):
+                    seen.pop(mount.name)
+                    asyncio.ensure_future(mount.reload(self.check_clashes))
+                else:
+                    seen[mount.name] = stamp
