@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import email.policy
 import json
 import re
@@ -276,19 +277,26 @@ def parse_body(body: bytes, content_type: str) -> Any:
     return text
 
 
-def _multipart_fields(body: bytes, content_type: str) -> dict[str, list[str]]:
+def _multipart_fields(body: bytes, content_type: str) -> dict[str, list[Any]]:
+    """Text fields as strings; files as {filename, content_type, size, base64}."""
     head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1", "replace")
     message = BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
-    fields: dict[str, list[str]] = {}
+    fields: dict[str, list[Any]] = {}
     if not message.is_multipart():
         return fields
     for part in message.iter_parts():
         name = part.get_param("name", header="content-disposition")
-        if not isinstance(name, str) or part.get_filename() is not None:
-            continue  # file parts are not text fields
+        if not isinstance(name, str):
+            continue
         payload = part.get_payload(decode=True)
         raw = payload if isinstance(payload, bytes) else b""
-        fields.setdefault(name, []).append(raw.decode("utf-8", errors="surrogateescape"))
+        filename = part.get_filename()
+        if filename is None:
+            fields.setdefault(name, []).append(raw.decode("utf-8", errors="surrogateescape"))
+        else:
+            fields.setdefault(name, []).append({
+                "filename": filename, "content_type": part.get_content_type(),
+                "size": len(raw), "base64": base64.b64encode(raw).decode("ascii")})
     return fields
 
 

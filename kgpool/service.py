@@ -24,13 +24,31 @@ from .errors import (
 from .direct import DirectChannel
 from .kernel import Kernel
 from .metrics import NotebookMetrics
-from .outputs import ExecutionResult
+from .outputs import ExecutionResult, choose_body
 from .notebook import Endpoint, Notebook, RequestData, bind_request, request_document
 from .pool import KernelPool, Lease, PoolStatus
 
 log = logging.getLogger(__name__)
 
 NO_BODY_STATUSES = frozenset({204, 304})
+# Run in every Python kernel before the init cells: a cell whose value is bytes gets an
+# application/octet-stream representation, so it can answer with those bytes.
+PYTHON_SETUP = """
+def _kgpool_setup():
+    from IPython.core.formatters import BaseFormatter
+    from traitlets import ObjectName, Unicode
+    class BytesFormatter(BaseFormatter):
+        format_type = Unicode("application/octet-stream")
+        print_method = ObjectName("_repr_octet_stream_")
+        _return_type = (bytes,)
+    display = get_ipython().display_formatter
+    formatter = BytesFormatter(parent=display)
+    formatter.for_type(bytes, bytes)
+    formatter.for_type(bytearray, bytes)
+    display.formatters[formatter.format_type] = formatter
+_kgpool_setup()
+del _kgpool_setup
+"""
 
 
 @dataclass
@@ -110,6 +128,8 @@ class NotebookService:
             async with asyncio.timeout(self.settings.init_timeout):
                 started = time.monotonic()
                 await kernel.start()
+                if self.notebook.language == "python":
+                    await kernel.execute(PYTHON_SETUP, silent=True)
                 booted = time.monotonic()
                 for cell in self.notebook.init_cells:
                     result = await kernel.execute(cell.source)
@@ -196,11 +216,17 @@ class NotebookService:
                 result, info = await self._execute(lease.kernel, endpoint, request)
             if result.error is not None:
                 raise _execution_error(result.error)
-            reply = Reply(body=encode_body(result.text))
+            reply = Reply()
+            asked = None
             if info is not None:
                 if info.error is not None:
                     raise _execution_error(info.error)
-                _apply_response_info(reply, info.text)
+                if _apply_response_info(reply, info.text):
+                    asked = next(v for k, v in reply.headers.items()
+                                 if k.lower() == "content-type").split(";")[0].strip().lower()
+            reply.body, content_type = choose_body(result, asked)
+            if content_type is not None and asked is None:
+                reply.headers["Content-Type"] = content_type
             if reply.status in NO_BODY_STATUSES:
                 reply.body = b""
             return reply
@@ -221,21 +247,14 @@ class NotebookService:
             self.metrics.executed(endpoint.path, time.monotonic() - started)
 
 
-def encode_body(text: str) -> bytes:
-    """UTF-8, giving back the exact bytes of any request data that was not UTF-8."""
-    try:
-        return text.encode("utf-8", errors="surrogateescape")
-    except UnicodeEncodeError:  # lone surrogates that did not come from undecodable bytes
-        return text.encode("utf-8", errors="replace")
-
-
 def _execution_error(error: dict[str, Any]) -> ExecutionError:
     return ExecutionError(str(error.get("ename", "Error")), str(error.get("evalue", "")),
                           list(error.get("traceback", [])))
 
 
-def _apply_response_info(reply: Reply, text: str) -> None:
-    """A ResponseInfo cell prints {"status": int, "headers": {...}}; anything else is an error."""
+def _apply_response_info(reply: Reply, text: str) -> bool:
+    """A ResponseInfo cell prints {"status": int, "headers": {...}}; anything else is an error.
+    True if it set the Content-Type."""
     try:
         info = json.loads(text)
     except ValueError:
@@ -255,3 +274,4 @@ def _apply_response_info(reply: Reply, text: str) -> None:
         for existing in [k for k in reply.headers if k.lower() == str(name).lower()]:
             del reply.headers[existing]
         reply.headers[str(name)] = str(value)
+    return any(str(name).lower() == "content-type" for name in headers)

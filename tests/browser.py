@@ -12,7 +12,8 @@ DevToolsActivePort in its (fresh, temporary) profile directory; one websocket (a
 browser endpoint carries every command, each page attached as a flat session. An asyncio loop on a
 private thread runs the connection; every call from the test waits a bounded time. Chromium runs
 in its own session/process group and is killed as a group (SIGTERM, then SIGKILL) on every path;
-`close()` also checks that no process using its profile directory survives.
+`close()` asks it to quit first (so it reaps its own children; PID 1 here leaves orphans as
+zombies) and checks that no process using its profile directory survives.
 
 Network: only 127.0.0.1. Besides the machine notes' flags, every host name resolves to nothing
 (--host-resolver-rules) and any non-loopback connection is sent to a closed local proxy port.
@@ -415,9 +416,13 @@ class Chromium:
         return text[-4000:]
 
     def close(self) -> None:
-        """Kill the whole process group, wait, and check nothing using the profile survives."""
+        """Ask Chromium to quit (Browser.close: it reaps its own children), then kill what is
+        left of its process group (SIGTERM, then SIGKILL) and check that nothing using the
+        profile survives; the profile is removed."""
         try:
             if self._conn is not None:
+                with contextlib.suppress(Exception):
+                    self._loop.run(self._conn.send("Browser.close"), 5)
                 with contextlib.suppress(Exception):
                     self._loop.run(self._conn.close(), 5)
                 self._conn = None
@@ -425,7 +430,12 @@ class Chromium:
             self._loop.stop()
             left: list[int] = []
             if self.proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(5)
                 for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
+                    left = _pids_using(self.profile)
+                    if self.proc.poll() is not None and not left:
+                        break
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(self.proc.pid, sig)
                     with contextlib.suppress(subprocess.TimeoutExpired):
@@ -433,8 +443,6 @@ class Chromium:
                     deadline = time.monotonic() + wait
                     while (left := _pids_using(self.profile)) and time.monotonic() < deadline:
                         time.sleep(0.05)
-                    if self.proc.poll() is not None and not left:
-                        break
                 for pid in left:  # a child that left the group: by PID
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)

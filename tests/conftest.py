@@ -80,9 +80,11 @@ class Response:
 class Server:
     """`python -m kgpool serve` in a subprocess on a free loopback port."""
 
-    def __init__(self, notebook: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, notebook: Path | str | list[Path | str], *args: str,
+                 env: dict[str, str] | None = None) -> None:
         self.port = free_port()
-        self.args = [sys.executable, "-m", "kgpool", "serve", str(notebook),
+        notebooks = notebook if isinstance(notebook, list) else [notebook]
+        self.args = [sys.executable, "-m", "kgpool", "serve", *map(str, notebooks),
                      "--port", str(self.port), *args]
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -103,7 +105,9 @@ class Server:
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise AssertionError(f"server exited {self.proc.returncode}: {self.output()}")
+                log = self.output()
+                self._logfile.close()
+                raise AssertionError(f"server exited {self.proc.returncode}: {log}")
             try:
                 if self.request("GET", "/readyz", timeout=2).status == 200:
                     self.kernels = kernel_children(self.proc.pid)
@@ -143,7 +147,8 @@ class Server:
             self.proc.wait()
             raise AssertionError("server did not stop after " + signal.Signals(sig).name)
         self.output()
-        self._logfile.close()
+        if not self._logfile.closed:
+            self._logfile.close()
         left = wait_gone(sorted(seen))
         for pid in left:  # clean up before failing, then fail loudly
             os.kill(pid, signal.SIGKILL)

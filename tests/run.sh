@@ -31,7 +31,8 @@ if [ "$#" -eq 0 ]; then
   # channels must behave identically (the pure tests and the Prometheus ones do not depend on it).
   step "pytest (KGPOOL_CHANNEL=jupyter)"
   KGPOOL_CHANNEL=jupyter .venv/bin/python -m pytest -q tests/test_web.py tests/test_cli.py \
-    tests/test_resilience.py tests/test_app.py
+    tests/test_resilience.py tests/test_app.py tests/test_security.py tests/test_fuzz.py \
+    tests/test_rich.py tests/test_notebooks.py
 fi
 
 if [ "$#" -eq 0 ]; then

@@ -88,3 +88,24 @@ write("fuzz", [
     "# ResponseInfo POST /created\nprint(json.dumps({'status': 201, 'headers': "
     "{'Content-Type': 'application/json'}}))",
 ])
+# Rich and binary answers, uploads: what Kernel Gateway never returned.
+write("rich", [
+    "import json, base64, io\nimport matplotlib\nmatplotlib.use('module://matplotlib_inline.backend_inline')\n"
+    "import matplotlib.pyplot as plt\nfrom IPython.display import display, HTML, Image, SVG\n"
+    "# figures exactly figsize x dpi, not cropped to their content\n"
+    "get_ipython().run_line_magic('config', \"InlineBackend.print_figure_kwargs = "
+    "{'bbox_inches': None}\")",
+    "# GET /plot\nfig = plt.figure(figsize=(4, 3), dpi=100)\nplt.plot([1, 2, 3], [1, 4, 9])\nplt.show()",
+    "# GET /html\ndisplay(HTML('<h1>Hello</h1>'))",
+    "# GET /bytes\nbytes(range(256))",
+    "# GET /svg\nSVG('<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"10\" height=\"10\"></svg>')",
+    "# GET /printed\nprint('stdout wins', end='')\ndisplay(HTML('<p>ignored</p>'))",
+    "# GET /asked\nprint('debug output')\ndisplay(HTML('<p>chosen</p>'))",
+    "# ResponseInfo GET /asked\nprint(json.dumps({'headers': {'Content-Type': 'text/html', 'X-Kind': 'asked'}}))",
+    "# GET /frame\n{'a': 1}",
+    "# POST /upload\nreq = json.loads(REQUEST)\nout = {}\nfor name, values in req['body'].items():\n"
+    "    for v in values:\n        if isinstance(v, dict):\n"
+    "            out[name] = [v['filename'], v['content_type'], v['size'], "
+    "base64.b64decode(v['base64']).hex()]\n        else:\n            out[name] = v\n"
+    "print(json.dumps(out), end='')",
+])

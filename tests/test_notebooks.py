@@ -1,0 +1,161 @@
+"""Several notebooks on one server, and live reload without a failed request (issue 8)."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from conftest import EXAMPLE, NOTEBOOKS, Server, wait_gone
+from test_resilience import metric, wait_for
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def notebook(path: Path, *cells: str) -> Path:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata = {"kernelspec": {"name": "python3", "display_name": "P", "language": "python"},
+                   "language_info": {"name": "python"}}
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in cells]
+    for i, cell in enumerate(nb.cells):
+        cell["id"] = f"c{i}"
+    tmp = path.with_suffix(".tmp")
+    nbformat.write(nb, tmp)
+    tmp.replace(path)  # atomic, as editors and ConfigMap updates do
+    return path
+
+
+def test_two_notebooks_with_separate_pools(tmp_path: Path) -> None:
+    other = notebook(tmp_path / "greeter.ipynb", "import os",
+                     "# GET /hello/:name\nimport json\nprint('hi ' + json.loads(REQUEST)"
+                     "['path']['name'], os.getpid(), end='')")
+    with Server([EXAMPLE, other], "--kernels", "1", "--kernels-for", "greeter=2") as server:
+        assert server.get("/convert/convert?angle=180").text.strip() == \
+            '{"convertedAngle": 3.141592653589793}'
+        answers = {server.get("/greeter/hello/ann").text for _ in range(6)}
+        assert {a.split()[1] for a in answers} == {"ann"}
+        greeter_pids = {a.split()[2] for a in answers}
+        assert len(greeter_pids) == 2  # its own pool of two kernels
+        assert server.get("/convert").status == 404  # no root mount with two notebooks
+        ready = server.get("/readyz").json()
+        assert ready["notebooks"]["convert"]["kernels"]["desired"] == 1
+        assert ready["notebooks"]["greeter"]["kernels"]["desired"] == 2
+        assert len(server.kernel_pids()) == 3
+        assert metric(server, "kgpool_http_requests_total",
+                      'notebook="greeter",route="/hello/:name"') == 6
+        spec = server.get("/_api/spec/swagger.json").json()
+        assert set(spec["paths"]) == {"/convert/convert", "/greeter/hello/:name"}
+
+
+def test_explicit_prefix_and_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "nbs"
+    folder.mkdir()
+    shutil.copy(EXAMPLE, folder / "a.ipynb")
+    shutil.copy(EXAMPLE, folder / "b.ipynb")
+    with Server(folder) as server:
+        assert server.get("/a/convert?angle=0").status == 200
+        assert server.get("/b/convert?angle=0").status == 200
+    with Server(f"{EXAMPLE}=/v1/math") as server:
+        assert server.get("/v1/math/convert?angle=0").status == 200
+        assert server.get("/convert?angle=0").status == 404
+
+
+def test_route_clash_is_a_start_up_error(tmp_path: Path) -> None:
+    one = notebook(tmp_path / "one.ipynb", "# GET /x/y\nprint(1)")
+    two = notebook(tmp_path / "two.ipynb", "# GET /y\nprint(2)")
+    server = Server([one, f"{two}=/one/x"]).start(ready=False)
+    assert server.proc is not None and server.proc.wait(30) != 0
+    assert "route clash" in server.output()
+    server.stop()
+    ops = notebook(tmp_path / "ops.ipynb", "# GET /healthz\nprint(1)")
+    server = Server(ops).start(ready=False)
+    assert server.proc is not None and server.proc.wait(30) != 0
+    assert "kgpool serves itself" in server.output()
+    server.stop()
+
+
+def load(server: Server, path: str, stop: threading.Event, results: list[tuple[int, str]]) -> None:
+    for _ in range(2000):  # bounded in count as well as time
+        if stop.is_set():
+            return
+        resp = server.get(path, timeout=30)
+        results.append((resp.status, resp.text))
+
+
+def test_reload_under_load_drops_nothing(tmp_path: Path) -> None:
+    path = notebook(tmp_path / "live.ipynb", "VERSION = 1", "# GET /v\nprint(VERSION, end='')")
+    with Server(path, "--kernels", "2") as server:
+        old_kernels = set(server.kernel_pids())
+        stop, results = threading.Event(), []  # type: ignore[var-annotated]
+        threads = [threading.Thread(target=load, args=(server, "/v", stop, results))
+                   for _ in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        notebook(path, "VERSION = 2", "# GET /v\nprint(VERSION, end='')")
+        try:
+            wait_for(lambda: bool(results) and results[-1][1] == "2", timeout=60,
+                     what="the new version to answer")
+            time.sleep(1.0)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+        statuses = {status for status, _ in results}
+        assert statuses == {200}, f"failed requests during reload: {statuses}"
+        versions = [text for _, text in results]
+        assert versions[0] == "1" and versions[-1] == "2"
+        assert set(versions) == {"1", "2"}
+        assert wait_gone(sorted(old_kernels)) == []  # the old kernels were retired
+        wait_for(lambda: len(server.kernel_pids()) == 2, what="two kernels again")
+        assert server.get("/readyz").json()["notebooks"]["live"]["reload_error"] is None
+
+
+def test_broken_new_version_is_refused_and_old_keeps_serving(tmp_path: Path) -> None:
+    path = notebook(tmp_path / "live.ipynb", "VERSION = 1", "# GET /v\nprint(VERSION, end='')")
+    with Server(path, "--kernels", "1") as server:
+        notebook(path, "VERSION = 2\nraise RuntimeError('bad init')",
+                 "# GET /v\nprint(VERSION, end='')")
+        wait_for(lambda: server.get("/readyz").json()["notebooks"]["live"]["reload_error"],
+                 timeout=60, what="the reload to be refused")
+        ready = server.get("/readyz").json()
+        assert "bad init" in ready["notebooks"]["live"]["reload_error"]
+        assert ready["status"] == "ready"
+        assert server.get("/v").text == "1"
+        assert "new version refused" in server.output()
+        path.write_text("{broken")
+        wait_for(lambda: "readable" in (server.get("/readyz").json()["notebooks"]["live"]
+                                        ["reload_error"] or ""), timeout=30,
+                 what="the unreadable version to be refused")
+        assert server.get("/v").text == "1"
+        notebook(path, "VERSION = 3", "# GET /v\nprint(VERSION, end='')")
+        wait_for(lambda: server.get("/v").text == "3", timeout=60, what="a good version")
+
+
+def test_sighup_reloads(tmp_path: Path) -> None:
+    import signal
+    path = notebook(tmp_path / "live.ipynb", "import os", "# GET /pid\nprint(os.getpid(), end='')")
+    with Server(path, "--no-reload") as server:
+        before = server.get("/pid").text
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: server.get("/pid").text != before, timeout=60,
+                 what="a new kernel after SIGHUP")
+        assert server.get("/readyz").status == 200
+
+
+def test_index_page_lists_endpoints() -> None:
+    with Server(NOTEBOOKS / "kitchen.ipynb") as server:
+        resp = server.get("/")
+        assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/html")
+        page = resp.text
+        assert "data-kgpool-index" in page and "data-pool-status" in page
+        assert "data-endpoint='GET /hello/:name'" in page
+        assert "<input name='name' required>" in page
+        assert "data-endpoint='POST /created'" in page
+
+
