@@ -6,7 +6,7 @@ thread, and answers with what an execute_request would have produced (stdout, th
 the error). Frames are a 4-byte big-endian length and a UTF-8 JSON document.
 """
 
-# ruff: noqa: ANN001, ANN202  (kept dependency-free: stdlib and IPython only)
+
 
 
 def _kgpool_direct_install(path, cells):

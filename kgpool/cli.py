@@ -96,8 +96,8 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
             try:
                 value = _parse_bool(env) if _kind(f) is bool else _kind(f)(env)
             except ValueError:
-                hint = " (a Kubernetes Service named kgpool sets KGPOOL_PORT=tcp://...; set " \
-                    "enableServiceLinks: false)" if env.startswith("tcp://") else ""
+                hint = (" (a Kubernetes Service named kgpool sets KGPOOL_PORT=tcp://...; set "
+                        "enableServiceLinks: false)") if env.startswith("tcp://") else ""
                 raise ConfigError(f"{_env_name(f.name)}={env!r} is not a valid "
                                   f"{_kind(f).__name__}{hint}") from None
         if value is not None:

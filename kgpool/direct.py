@@ -65,14 +65,16 @@ class DirectChannel:
     def serves(self, index: int) -> bool:
         return index not in self.refused
 
-    async def call(self, index: int, request: str) -> tuple[ExecutionResult, ExecutionResult | None]:
+    async def call(self, index: int,
+                   request: str) -> tuple[ExecutionResult, ExecutionResult | None]:
         """Run endpoint `index` with REQUEST bound: (endpoint result, ResponseInfo result)."""
         payload = json.dumps({"e": index, "r": request}).encode("utf-8", "surrogateescape")
         self._writer.write(_HEADER.pack(len(payload)) + payload)
         reply = asyncio.ensure_future(self._read())
         died = self._died
+        waits: list[asyncio.Future[Any]] = [reply, died]
         try:
-            await asyncio.wait({reply, died}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
             if not reply.done():  # kernel died, or our deadline cancelled us
                 reply.cancel()

@@ -64,7 +64,7 @@ class Kernel:
             await self._km.start_kernel(cwd=self._cwd)
         except Exception as exc:
             raise KernelError(f"cannot start kernel {self.kernel_name!r}: {exc}") from exc
-        process = getattr(self._km.provisioner, "process", None)
+        process = self._process()
         if process is None:
             raise KernelError("kgpool needs a local kernel process to supervise")
         self.pid = process.pid
@@ -89,12 +89,15 @@ class Kernel:
             return
         loop.add_reader(self._pidfd, self._process_exited)
 
+    def _process(self) -> Any:
+        """The Popen of the kernel (jupyter_client's local provisioner keeps it)."""
+        return getattr(self._km.provisioner, "process", None) if self._km else None
+
     async def _poll_process(self) -> None:
         while not self._died.done():
             await asyncio.sleep(0.1)
-            if self._km is not None and self._km.provisioner is not None \
-                    and self._km.provisioner.process is not None \
-                    and self._km.provisioner.process.poll() is not None:
+            process = self._process()
+            if process is not None and process.poll() is not None:
                 self._process_exited()
 
     def _process_exited(self) -> None:
@@ -104,7 +107,7 @@ class Kernel:
             self._pidfd = None
         if self._died.done():
             return
-        process = self._km.provisioner.process if self._km and self._km.provisioner else None
+        process = self._process()
         self.exit_code = process.poll() if process is not None else None
         error = KernelDied(f"{self.label} (pid {self.pid}) died with exit code {self.exit_code}",
                            self.exit_code)

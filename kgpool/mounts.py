@@ -54,10 +54,9 @@ def mount_specs(settings: Settings) -> list[MountSpec]:
     counts = _kernel_counts(settings.kernels_for)
     single = len(found) == 1
     specs, names, prefixes = [], set(), set()
-    for path, prefix in found:
+    for path, given in found:
         name = path.stem
-        if prefix is None:
-            prefix = "" if single else "/" + name
+        prefix = given if given is not None else ("" if single else "/" + name)
         if prefix and not _PREFIX.match(prefix):
             raise ConfigError(f"prefix {prefix!r} for {path}: use /letters-digits-._~ segments")
         if name in names:

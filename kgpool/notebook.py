@@ -1,4 +1,4 @@
-"""Notebook -> endpoints: the annotation grammar, routing and REQUEST binding. Pure: text in, data out."""
+"""Notebook -> endpoints: annotation grammar, routing, REQUEST binding. Pure: text in, data out."""
 
 from __future__ import annotations
 
@@ -141,8 +141,9 @@ def _build(name: str, language: str, kernel_name: str, prefix: str,
 
 def _check_path(path: str, cell: Cell) -> None:
     if any(ch.isspace() for ch in path):
-        raise NotebookError(f"cell {cell.index} ({cell.first_line!r}): a path may not contain spaces")
-    for literal, param in _split_path(path):
+        raise NotebookError(f"cell {cell.index} ({cell.first_line!r}): a path may not contain "
+                            "spaces")
+    for _, param in _split_path(path):
         if param is not None and not _PARAM_NAME.match(param):
             raise NotebookError(
                 f"cell {cell.index} ({cell.first_line!r}): ':{param}' is not a valid parameter "
@@ -156,11 +157,13 @@ def _check_shapes(endpoints: tuple[Endpoint, ...]) -> None:
         shape = tuple((lit, param is not None) for lit, param in _split_path(ep.path))
         other = seen.setdefault(shape, ep.path)
         if other != ep.path:
-            raise NotebookError(f"paths {other} and {ep.path} match the same URLs; use one spelling")
+            raise NotebookError(f"paths {other} and {ep.path} match the same URLs; use one "
+                                "spelling")
 
 
 def _split_path(path: str) -> list[tuple[str, str | None]]:
-    """'/a/b:id' -> [('', None), ('a', None), ('b', 'id')]: a literal prefix and a param per segment."""
+    """'/a/b:id' -> [('', None), ('a', None), ('b', 'id')]: per segment a literal prefix and
+    maybe a parameter."""
     parts: list[tuple[str, str | None]] = []
     for segment in path.split("/"):
         literal, colon, param = segment.partition(":")
@@ -186,7 +189,7 @@ class Route:
         if len(segments) != len(self._segments):
             return None
         params: dict[str, str] = {}
-        for got, (literal, param) in zip(segments, self._segments):
+        for got, (literal, param) in zip(segments, self._segments, strict=True):
             if param is None:
                 if got != literal:
                     return None

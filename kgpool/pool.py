@@ -295,7 +295,12 @@ class KernelPool:
     async def _spawn(self, slot: int) -> Lease:
         started = time.monotonic()
         holder: list[Lease] = []
-        kernel = await self._factory(slot, lambda _k: holder and self._kernel_died(holder[0]))
+
+        def died(_: Kernel) -> None:
+            if holder:  # deaths during warm-up surface from the factory instead
+                self._kernel_died(holder[0])
+
+        kernel = await self._factory(slot, died)
         limit = self._max_requests + random.randint(0, self._jitter) if self._max_requests else 0
         lease = Lease(kernel, slot, limit)
         holder.append(lease)

@@ -1,4 +1,4 @@
-"""NotebookService: a notebook and its pool, no HTTP. One deadline per request covers every phase."""
+"""NotebookService: a notebook and its pool, no HTTP; one deadline per request covers all phases."""
 
 from __future__ import annotations
 
@@ -18,14 +18,19 @@ from typing import Any
 import zmq.asyncio
 
 from .config import Settings
-from .errors import (
-    ExecutionError, ExecutionTimeout, InitError, KernelDied, KernelError, ResponseInfoError,
-)
 from .direct import DirectChannel
+from .errors import (
+    ExecutionError,
+    ExecutionTimeout,
+    InitError,
+    KernelDied,
+    KernelError,
+    ResponseInfoError,
+)
 from .kernel import Kernel
 from .metrics import NotebookMetrics
-from .outputs import ExecutionResult, choose_body
 from .notebook import Endpoint, Notebook, RequestData, bind_request, request_document
+from .outputs import ExecutionResult, choose_body
 from .pool import KernelPool, Lease, PoolStatus
 
 log = logging.getLogger(__name__)

@@ -13,12 +13,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from .config import Settings
 from .errors import (
-    ExecutionError, ExecutionTimeout, KernelDied, KernelError, PoolClosed, PoolUnavailable,
-    QueueFull, ResponseInfoError,
+    ExecutionError,
+    ExecutionTimeout,
+    KernelDied,
+    KernelError,
+    PoolClosed,
+    PoolUnavailable,
+    QueueFull,
+    ResponseInfoError,
 )
+from .index import render_index
 from .metrics import Metrics
 from .middleware import CALL, NOTEBOOK, ROUTE, error_response, middlewares
-from .index import render_index
 from .mounts import Mounts, mount_specs
 from .notebook import Notebook, RequestData, openapi, swagger
 
@@ -48,8 +54,8 @@ def describe(exc: BaseException) -> tuple[int, str, str, dict[str, str]]:
     if isinstance(exc, ExecutionError):
         return 500, exc.ename, exc.evalue, {}
     if isinstance(exc, KernelDied):
-        return 502, "kernel_died", "the kernel running this request died; it is being " \
-            "replaced", {}
+        return 502, "kernel_died", ("the kernel running this request died; it is being "
+                                    "replaced"), {}
     for kind, status, error, headers in _STATUS_TABLE:
         if isinstance(exc, kind):
             return status, error, str(exc), headers
@@ -86,16 +92,16 @@ class NotebookHandler:
         if (request.content_length or 0) > self.max_body:
             return error_response(413, "payload_too_large",
                                   f"the body is larger than {self.max_body} bytes")
-        headers = request.headers.items()
-        if self.hide_authorization:  # the token is kgpool's business, not the notebook's
-            headers = [(k, v) for k, v in headers if k.lower() != "authorization"]
+        seen = [(k, v) for k, v in request.headers.items()
+                if not (self.hide_authorization and k.lower() == "authorization")]
+        # (with a token configured, the Authorization header is kgpool's, not the notebook's)
         data = RequestData(
             body=await request.read(),  # all of it, before a kernel is leased
             content_type=request.headers.get("Content-Type", ""),
             query=tuple(parse_qsl(request.rel_url.raw_query_string, keep_blank_values=True,
                                   errors="surrogateescape")),
             params=params,
-            headers=tuple(headers))
+            headers=tuple(seen))
         try:
             reply = await active.service.call(endpoint, data, request[CALL])
         except Exception as exc:
@@ -121,7 +127,7 @@ class OpsHandlers:
 
     async def readyz(self, request: web.Request) -> web.Response:
         ready = self.mounts.ready
-        notebooks = {}
+        notebooks: dict[str, dict[str, Any]] = {}
         for mount in self.mounts.all:
             status = mount.active.service.status()
             notebooks[mount.name] = {

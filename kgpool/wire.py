@@ -8,7 +8,7 @@ import hashlib
 import hmac
 import json
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 DELIM = b"<IDS|MSG>"
@@ -35,7 +35,7 @@ class Wire:
         """(msg_id, frames) for a new request message."""
         msg_id = uuid.uuid4().hex
         header = {"msg_id": msg_id, "msg_type": msg_type, "username": self._username,
-                  "session": self._session, "date": datetime.now(timezone.utc).isoformat(),
+                  "session": self._session, "date": datetime.now(UTC).isoformat(),
                   "version": PROTOCOL_VERSION}
         parts = [json.dumps(header).encode(), b"{}", b"{}",
                  json.dumps(content, ensure_ascii=False).encode("utf-8", "surrogateescape")]
