@@ -109,7 +109,9 @@ class Server:
                 self._logfile.close()
                 raise AssertionError(f"server exited {self.proc.returncode}: {log}")
             try:
-                if self.request("GET", "/readyz", timeout=2).status == 200:
+                ready = self.request("GET", "/readyz", timeout=2)
+                # ready serves once one kernel is warm; tests start when all of them are
+                if ready.status == 200 and ready.json()["kernels"]["starting"] == 0:
                     self.kernels = kernel_children(self.proc.pid)
                     return
             except OSError:
@@ -145,7 +147,7 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            raise AssertionError("server did not stop after " + signal.Signals(sig).name)
+            raise AssertionError("server did not stop after " + signal.Signals(sig).name) from None
         self.output()
         if not self._logfile.closed:
             self._logfile.close()

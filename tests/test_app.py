@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from conftest import NOTEBOOKS
 from prometheus_client import CollectorRegistry
 
-from conftest import NOTEBOOKS
 from kgpool.config import Settings
 from kgpool.web import MOUNTS, create_app
 

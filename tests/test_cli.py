@@ -10,7 +10,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from conftest import EXAMPLE, NOTEBOOKS, Server, kernel_children, wait_gone
 
 pytestmark = pytest.mark.timeout(120)
@@ -48,8 +47,8 @@ def test_routes_lists_endpoints() -> None:
     assert "GET     /hello/world" in out.stdout
     assert "POST    /created" in out.stdout and "ResponseInfo cells [20]" in out.stdout
     lines = out.stdout.splitlines()
-    assert lines.index(next(l for l in lines if "/hello/world" in l)) < \
-        lines.index(next(l for l in lines if "/hello/:name" in l))
+    assert lines.index(next(x for x in lines if "/hello/world" in x)) < \
+        lines.index(next(x for x in lines if "/hello/:name" in x))
 
 
 @pytest.mark.parametrize("notebook,message", [
@@ -112,7 +111,7 @@ def test_requests_wait_in_fifo_order() -> None:
             first = ex.submit(server.get, "/sleep?s=1")
             time.sleep(0.3)
             queued = []
-            for i in range(3):
+            for _ in range(3):
                 queued.append(ex.submit(server.request, "POST", "/created"))
                 time.sleep(0.1)
             assert first.result().status == 200

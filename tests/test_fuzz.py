@@ -13,10 +13,9 @@ from pathlib import Path
 from urllib.parse import quote_from_bytes
 
 import pytest
+from conftest import NOTEBOOKS, Server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from conftest import NOTEBOOKS, Server
 
 pytestmark = pytest.mark.timeout(300)
 EXAMPLES = int(os.environ.get("KGPOOL_FUZZ_EXAMPLES", "150"))

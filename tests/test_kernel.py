@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 import zmq.asyncio
-
 from conftest import alive, wait_gone
+
 from kgpool.errors import KernelDied
 from kgpool.kernel import Kernel
 

@@ -10,8 +10,14 @@ import pytest
 
 from kgpool.errors import NotebookError
 from kgpool.notebook import (
-    RequestData, Router, bind_request, load_notebook, parse_body, parse_notebook,
-    request_document, swagger,
+    RequestData,
+    Router,
+    bind_request,
+    load_notebook,
+    parse_body,
+    parse_notebook,
+    request_document,
+    swagger,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -139,7 +145,8 @@ def test_request_document_shape() -> None:
     ("application/json", b"[1, 2]", [1, 2]),
     ("application/json", b"nope", "nope"),
     ("application/vnd.api+json", b'{"a": 1}', {"a": 1}),
-    ("application/x-www-form-urlencoded; charset=UTF-8", b"a=1&a=%20&b=", {"a": ["1", " "], "b": [""]}),
+    ("application/x-www-form-urlencoded; charset=UTF-8", b"a=1&a=%20&b=",
+     {"a": ["1", " "], "b": [""]}),
     ("text/plain", b"hi \xc3\xbc", "hi ü"),
     ("", b"", ""),
     ("application/octet-stream", b"\xff\xfe", "\udcff\udcfe"),  # bytes kept, see echo
@@ -166,7 +173,6 @@ def test_python_binding_is_one_exact_literal(value: str) -> None:
 def test_swagger_document() -> None:
     nb = parse_notebook(nb_text("# GET /a/:id", "# POST /a/:id", "# GET /b"), name="demo")
     spec = swagger([("", nb)])
+    ok = {"responses": {"200": {"description": "Success"}}}
     assert spec == {"swagger": "2.0", "info": {"version": "0.0.0", "title": "demo"},
-                    "paths": {"/a/:id": {"get": {"responses": {"200": {"description": "Success"}}},
-                                         "post": {"responses": {"200": {"description": "Success"}}}},
-                              "/b": {"get": {"responses": {"200": {"description": "Success"}}}}}}
+                    "paths": {"/a/:id": {"get": ok, "post": ok}, "/b": {"get": ok}}}

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import nbformat
 import pytest
-
 from conftest import EXAMPLE, NOTEBOOKS, Server, wait_gone
 from test_resilience import metric, wait_for
 

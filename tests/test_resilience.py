@@ -12,7 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
 from conftest import NOTEBOOKS, Server
 
 pytestmark = pytest.mark.timeout(180)

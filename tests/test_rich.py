@@ -7,7 +7,6 @@ import struct
 from collections.abc import Iterator
 
 import pytest
-
 from conftest import NOTEBOOKS, Server
 
 pytestmark = pytest.mark.timeout(120)

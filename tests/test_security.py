@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from conftest import NOTEBOOKS, Server
 
 pytestmark = pytest.mark.timeout(120)

@@ -7,7 +7,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from conftest import Server
 
 pytestmark = pytest.mark.timeout(120)
@@ -100,7 +99,8 @@ def test_request_bytes_stay_data(kitchen: Server, value: str) -> None:
 
 def test_raw_body_round_trip_with_quotes(kitchen: Server) -> None:
     body = "'''\"\"\"\\\n\r\n\x00end"
-    resp = kitchen.request("PUT", "/echo", body=body.encode(), headers={"Content-Type": "text/plain"})
+    resp = kitchen.request("PUT", "/echo", body=body.encode(),
+                           headers={"Content-Type": "text/plain"})
     assert json.loads(resp.text)["body"] == body
 
 
@@ -215,7 +215,8 @@ def test_swagger_spec(kitchen: Server) -> None:
     spec = kitchen.get("/_api/spec/swagger.json").json()
     assert spec["swagger"] == "2.0"
     assert spec["info"]["title"] == "kitchen"
-    assert spec["paths"]["/hello/:name"] == {"get": {"responses": {"200": {"description": "Success"}}}}
+    ok = {"responses": {"200": {"description": "Success"}}}
+    assert spec["paths"]["/hello/:name"] == {"get": ok}
     assert set(spec["paths"]["/echo"]) == {"get", "post", "put"}
 
 
