@@ -154,3 +154,15 @@ def test_graceful_shutdown_finishes_in_flight(sig: int) -> None:
         assert [f.result().status for f in in_flight] == [200, 200, 200]
     assert late == 503
     assert server.stop(sig) == 0
+
+
+def test_kernels_exit_when_the_server_is_killed() -> None:
+    """Even SIGKILL of kgpool leaves no kernel: ipykernel watches its parent (JPY_PARENT_PID)."""
+    server = Server(EXAMPLE, "--kernels", "2").start()
+    kernels = server.kernel_pids()
+    assert len(kernels) == 2
+    assert server.proc is not None
+    server.proc.kill()
+    server.proc.wait(10)
+    assert wait_gone(kernels, timeout=15) == []
+    server.stop()
