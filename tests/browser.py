@@ -53,6 +53,8 @@ FLAGS = (
     "--disable-extensions", "--disable-default-apps", "--no-default-browser-check",
     "--disable-dev-shm-usage", "--mute-audio", "--password-store=basic",
     "--use-mock-keychain", "--disable-features=Translate,MediaRouter,OptimizationHints",
+    # No crashpad handler: it would run outside the process group and write to ~/.config.
+    "--disable-crash-reporter",
     # Nothing but 127.0.0.1: names never resolve, and anything not on loopback (which Chromium
     # never proxies) goes to a port where nothing listens.
     "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
@@ -354,14 +356,19 @@ class Chromium:
         return browser
 
     def start(self, timeout: float = 30.0) -> None:
+        # One temporary root for everything Chromium writes: the profile, and its config and
+        # cache homes (so the crash handler, which leaves the process group, names it too).
         self.profile = tempfile.mkdtemp(prefix="kgpool-chromium-")
+        user_data = os.path.join(self.profile, "profile")
+        env = {**os.environ, "XDG_CONFIG_HOME": os.path.join(self.profile, "config"),
+               "XDG_CACHE_HOME": os.path.join(self.profile, "cache")}
         self._stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
-            [self.binary, *FLAGS, f"--user-data-dir={self.profile}",
+            [self.binary, *FLAGS, f"--user-data-dir={user_data}",
              "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=subprocess.STDOUT, env=env,
             start_new_session=True)  # its own process group: killed as one
-        port_file = Path(self.profile) / "DevToolsActivePort"
+        port_file = Path(user_data) / "DevToolsActivePort"
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -443,9 +450,12 @@ class Chromium:
                     deadline = time.monotonic() + wait
                     while (left := _pids_using(self.profile)) and time.monotonic() < deadline:
                         time.sleep(0.05)
-                for pid in left:  # a child that left the group: by PID
+                for pid in left:  # a child that left the group (crash handler): by PID
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
+                deadline = time.monotonic() + 5
+                while (left := _pids_using(self.profile)) and time.monotonic() < deadline:
+                    time.sleep(0.05)
             if self._stderr is not None:
                 self._stderr.close()
             if self.profile:
