@@ -40,21 +40,41 @@ LUA = HERE / "check.lua"
 EXPECTED = '{"convertedAngle": 3.141592653589793}\n'
 PATH_Q = "/convert?angle=180"
 # server kinds: kgpool with its default channel, kgpool with an explicit --channel, Kernel Gateway
-KGPOOL_ARGS = {"kgpool": [], "kgpool-direct": ["--channel", "direct"], "kgpool-jupyter": ["--channel", "jupyter"]}
+KGPOOL_ARGS = {
+    "kgpool": [],
+    "kgpool-direct": ["--channel", "direct"],
+    "kgpool-jupyter": ["--channel", "jupyter"],
+}
 SERVERS = (*KGPOOL_ARGS, "kg")
 
 DEV_NOTEBOOK = {
     "cells": [
-        {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
-         "source": ["import math\n", "import json"]},
-        {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
-         "source": ["# GET /convert\n", "req = json.loads(REQUEST)\n",
-                    "angle = req['args']['angle'][0]\n",
-                    "print(json.dumps({'convertedAngle': math.radians(float(angle))}))"]},
+        {
+            "cell_type": "code",
+            "execution_count": None,
+            "metadata": {},
+            "outputs": [],
+            "source": ["import math\n", "import json"],
+        },
+        {
+            "cell_type": "code",
+            "execution_count": None,
+            "metadata": {},
+            "outputs": [],
+            "source": [
+                "# GET /convert\n",
+                "req = json.loads(REQUEST)\n",
+                "angle = req['args']['angle'][0]\n",
+                "print(json.dumps({'convertedAngle': math.radians(float(angle))}))",
+            ],
+        },
     ],
-    "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
-                 "language_info": {"name": "python"}},
-    "nbformat": 4, "nbformat_minor": 5,
+    "metadata": {
+        "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+        "language_info": {"name": "python"},
+    },
+    "nbformat": 4,
+    "nbformat_minor": 5,
 }
 
 
@@ -96,17 +116,32 @@ class Server:
         self.runtime = tempfile.mkdtemp(prefix=f"kgbench-{kind}-")
         env = dict(os.environ, JUPYTER_RUNTIME_DIR=self.runtime, PYTHONUNBUFFERED="1")
         if kind in KGPOOL_ARGS:
-            cmd = [str(VENV_BENCH / "bin" / "kgpool"), "serve", str(notebook), "--kernels", str(kernels),
-                   "--host", "127.0.0.1", "--port", str(self.port), *KGPOOL_ARGS[kind]]
+            cmd = [
+                str(VENV_BENCH / "bin" / "kgpool"),
+                "serve",
+                str(notebook),
+                "--kernels",
+                str(kernels),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                *KGPOOL_ARGS[kind],
+            ]
             env["PATH"] = f"{VENV_BENCH / 'bin'}:{env.get('PATH', '')}"
         else:
-            cmd = [str(VENV_KG / "bin" / "jupyter-kernelgateway"),
-                   "--KernelGatewayApp.api=kernel_gateway.notebook_http",
-                   f"--KernelGatewayApp.seed_uri={notebook}",
-                   "--KernelGatewayApp.ip=127.0.0.1", f"--KernelGatewayApp.port={self.port}",
-                   f"--KernelGatewayApp.prespawn_count={kernels}"]
+            cmd = [
+                str(VENV_KG / "bin" / "jupyter-kernelgateway"),
+                "--KernelGatewayApp.api=kernel_gateway.notebook_http",
+                f"--KernelGatewayApp.seed_uri={notebook}",
+                "--KernelGatewayApp.ip=127.0.0.1",
+                f"--KernelGatewayApp.port={self.port}",
+                f"--KernelGatewayApp.prespawn_count={kernels}",
+            ]
             env["PATH"] = f"{VENV_KG / 'bin'}:{env.get('PATH', '')}"
-        self.proc = procs.Managed(f"{kind}-k{kernels}", cmd, str(LOGS / f"{tag}-{kind}-k{kernels}.log"), env)
+        self.proc = procs.Managed(
+            f"{kind}-k{kernels}", cmd, str(LOGS / f"{tag}-{kind}-k{kernels}.log"), env
+        )
         self.t0 = self.proc.t0
         self.ready_s: float | None = None
         self.first_body_s: float | None = None
@@ -123,7 +158,9 @@ class Server:
         deadline = self.t0 + timeout
         while time.monotonic() < deadline:
             if not self.proc.running():
-                raise RuntimeError(f"{self.kind} exited with {self.proc.proc.returncode}; see {self.proc.log_path}")
+                raise RuntimeError(
+                    f"{self.kind} exited with {self.proc.proc.returncode}; see {self.proc.log_path}"
+                )
             if self.kind in KGPOOL_ARGS:
                 if self.ready_s is None and http_get(self.port, "/readyz", 1.0)[0] == 200:
                     self.ready_s = time.monotonic() - self.t0
@@ -159,7 +196,9 @@ class Server:
 
     def kernel_exes(self) -> list[str]:
         self.proc.refresh()
-        return sorted({procs.cmdline(k[0])[0] for k in self.proc.kernel_keys() if procs.cmdline(k[0])})
+        return sorted(
+            {procs.cmdline(k[0])[0] for k in self.proc.kernel_keys() if procs.cmdline(k[0])}
+        )
 
     def stop(self) -> None:
         self.proc.stop()
@@ -179,7 +218,10 @@ def probe_varied(port: int, n: int = 200, conc: int = 8) -> dict:
     """Distinct angles from concurrent clients, each body checked: wrk's constant URL cannot see a
     response cached or crossed between requests."""
     rnd = random.Random(port)
-    angles = [str(rnd.choice([rnd.randint(-720, 720), round(rnd.uniform(-1000, 1000), 3)])) for _ in range(n)]
+    angles = [
+        str(rnd.choice([rnd.randint(-720, 720), round(rnd.uniform(-1000, 1000), 3)]))
+        for _ in range(n)
+    ]
 
     def one(angle: str) -> tuple[str, int, str]:
         st, body = http_get(port, f"/convert?angle={angle}", 10.0)
@@ -197,8 +239,22 @@ def probe_varied(port: int, n: int = 200, conc: int = 8) -> dict:
 def run_wrk(port: int, conc: int, duration: float, threads: int) -> dict:
     t = max(1, min(threads, conc))
     secs = max(1, round(duration))  # wrk takes whole seconds
-    cmd = ["wrk", "-t", str(t), "-c", str(conc), "-d", f"{secs}s", "--timeout", "10s",
-           "-s", str(LUA), f"http://127.0.0.1:{port}{PATH_Q}", "--", EXPECTED]
+    cmd = [
+        "wrk",
+        "-t",
+        str(t),
+        "-c",
+        str(conc),
+        "-d",
+        f"{secs}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(LUA),
+        f"http://127.0.0.1:{port}{PATH_Q}",
+        "--",
+        EXPECTED,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 60)
     for line in out.stdout.splitlines():
         if line.startswith("WRKJSON "):
@@ -231,18 +287,29 @@ def measure(server: Server, conc: int, duration: float, threads: int) -> dict:
     e = w["socket_errors"]
     lat = w["latency_us"]
     return {
-        "server": server.kind, "kernels": server.kernels, "concurrency": conc,
-        "requests": w["requests"], "duration_s": w["duration_us"] / 1e6,
-        "p50_ms": lat["p50"] / 1000, "p90_ms": lat["p90"] / 1000, "p99_ms": lat["p99"] / 1000,
+        "server": server.kind,
+        "kernels": server.kernels,
+        "concurrency": conc,
+        "requests": w["requests"],
+        "duration_s": w["duration_us"] / 1e6,
+        "p50_ms": lat["p50"] / 1000,
+        "p90_ms": lat["p90"] / 1000,
+        "p99_ms": lat["p99"] / 1000,
         "max_ms": lat["max"] / 1000,
-        "non2xx": w["non2xx"], "wrong_bodies": w["wrong_bodies"],
+        "non2xx": w["non2xx"],
+        "wrong_bodies": w["wrong_bodies"],
         "socket_errors": e["connect"] + e["read"] + e["write"] + e["timeout"],
         "errors": w["non2xx"] + e["connect"] + e["read"] + e["write"] + e["timeout"],
         "checked": w["checked"],
-        "sample_bad": [w["sample_bad_status"], w["sample_bad_body"]] if w["sample_bad_body"] or w["sample_bad_status"] else None,
-        "server_cpu_ms": srv_ms, "kernel_cpu_ms": ker_ms, "wrk_cpu_ms": wrk_ms,
+        "sample_bad": [w["sample_bad_status"], w["sample_bad_body"]]
+        if w["sample_bad_body"] or w["sample_bad_status"]
+        else None,
+        "server_cpu_ms": srv_ms,
+        "kernel_cpu_ms": ker_ms,
+        "wrk_cpu_ms": wrk_ms,
         "others_cpu_pct": 100.0 * others / 1000.0 / wall / (os.cpu_count() or 1),
-        "server_rss_mb": after.server_rss_kb / 1024, "kernel_rss_mb": after.kernel_rss_kb / 1024,
+        "server_rss_mb": after.server_rss_kb / 1024,
+        "kernel_rss_mb": after.kernel_rss_kb / 1024,
         "kernel_procs": len(after.kernel_ticks),
         "loadavg": os.getloadavg()[0],
     }
@@ -253,8 +320,18 @@ def merge(rounds: list[dict]) -> dict:
     r = dict(rounds[0])
     n = sum(x["requests"] for x in rounds)
     secs = sum(x["duration_s"] for x in rounds)
-    for key in ("requests", "non2xx", "wrong_bodies", "socket_errors", "errors", "checked",
-                "server_cpu_ms", "kernel_cpu_ms", "wrk_cpu_ms", "duration_s"):
+    for key in (
+        "requests",
+        "non2xx",
+        "wrong_bodies",
+        "socket_errors",
+        "errors",
+        "checked",
+        "server_cpu_ms",
+        "kernel_cpu_ms",
+        "wrk_cpu_ms",
+        "duration_s",
+    ):
         r[key] = sum(x[key] for x in rounds)
     for key in ("p50_ms", "p90_ms", "p99_ms", "others_cpu_pct", "loadavg"):
         r[key] = statistics.median(x[key] for x in rounds)
@@ -264,8 +341,22 @@ def merge(rounds: list[dict]) -> dict:
     r["server_cpu_ms_per_req"] = r["server_cpu_ms"] / max(1, n)
     r["kernel_cpu_ms_per_req"] = r["kernel_cpu_ms"] / max(1, n)
     r["sample_bad"] = next((x["sample_bad"] for x in rounds if x["sample_bad"]), None)
-    r["rounds"] = [{k: x[k] for k in ("requests", "duration_s", "p50_ms", "p99_ms", "errors", "wrong_bodies",
-                                      "others_cpu_pct", "order")} for x in rounds]
+    r["rounds"] = [
+        {
+            k: x[k]
+            for k in (
+                "requests",
+                "duration_s",
+                "p50_ms",
+                "p99_ms",
+                "errors",
+                "wrong_bodies",
+                "others_cpu_pct",
+                "order",
+            )
+        }
+        for x in rounds
+    ]
     return r
 
 
@@ -278,18 +369,29 @@ def phase_startup(args, nb: Path, servers: list[str]) -> list[dict]:
                 s = Server(kind, nb, k, f"startup-r{rep}")
                 try:
                     s.wait_ready()
-                    out.append({"server": kind, "kernels": k, "rep": rep, "ready_s": s.ready_s,
-                                "first_body_s": s.first_body_s, "all_warm_s": s.all_warm_s})
-                    log(f"startup {kind} K={k} rep={rep}: ready {s.ready_s:.2f}s "
+                    out.append(
+                        {
+                            "server": kind,
+                            "kernels": k,
+                            "rep": rep,
+                            "ready_s": s.ready_s,
+                            "first_body_s": s.first_body_s,
+                            "all_warm_s": s.all_warm_s,
+                        }
+                    )
+                    log(
+                        f"startup {kind} K={k} rep={rep}: ready {s.ready_s:.2f}s "
                         f"first body {s.first_body_s:.2f}s all warm "
-                        + (f"{s.all_warm_s:.2f}s" if s.all_warm_s is not None else "unknown"))
+                        + (f"{s.all_warm_s:.2f}s" if s.all_warm_s is not None else "unknown")
+                    )
                 finally:
                     stop(s)
     return out
 
 
-def phase_sweep(args, nb: Path, servers: list[str], floor_rows: list[dict],
-                probes: list[dict]) -> tuple[list[dict], dict]:
+def phase_sweep(
+    args, nb: Path, servers: list[str], floor_rows: list[dict], probes: list[dict]
+) -> tuple[list[dict], dict]:
     rows: list[dict] = []
     exes: dict[str, list[str]] = {}
     for k in args.kernels:
@@ -299,17 +401,27 @@ def phase_sweep(args, nb: Path, servers: list[str], floor_rows: list[dict],
                 live[kind] = Server(kind, nb, k, "sweep")
                 live[kind].wait_ready()
                 exes[kind] = live[kind].kernel_exes()
-                log(f"sweep K={k}: {kind} ready in {live[kind].ready_s:.2f}s on port {live[kind].port}")
+                log(
+                    f"sweep K={k}: {kind} ready in {live[kind].ready_s:.2f}s on port "
+                    f"{live[kind].port}"
+                )
             for kind in servers:  # warm-up, discarded; then a check with distinct angles
                 run_wrk(live[kind].port, max(4, k), args.warmup, args.threads)
                 pv = probe_varied(live[kind].port)
                 probes.append({"server": kind, "kernels": k, **pv})
                 if pv["bad"]:
-                    log(f"WRONG: {kind} K={k} answered {pv['bad']}/{pv['requests']} distinct angles wrongly: "
-                        f"{pv['samples'][:1]}")
+                    log(
+                        f"WRONG: {kind} K={k} answered {pv['bad']}/{pv['requests']} "
+                        "distinct angles wrongly: "
+                        f"{pv['samples'][:1]}"
+                    )
             for i, c in enumerate(args.concurrency):
                 got: dict[str, list[dict]] = {kind: [] for kind in servers}
-                with_floor = k == args.floor_kernels and c in args.floor_concurrency and "floor" not in args.skip
+                with_floor = (
+                    k == args.floor_kernels
+                    and c in args.floor_concurrency
+                    and "floor" not in args.skip
+                )
                 fl: list[dict] = []
                 for rnd in range(args.rounds):  # A B, then B A: drift and bursts hit both
                     order = list(servers) + (["floor"] if with_floor else [])
@@ -324,25 +436,43 @@ def phase_sweep(args, nb: Path, servers: list[str], floor_rows: list[dict],
                         m["order"] = order.index(kind)
                         got[kind].append(m)
                         if m["kernel_procs"] != k:
-                            log(f"WARNING {kind} has {m['kernel_procs']} kernel processes, expected {k}")
+                            log(
+                                f"WARNING {kind} has {m['kernel_procs']} kernel processes, "
+                                f"expected {k}"
+                            )
                 if fl:
                     n = sum(f["requests"] for f in fl)
                     rps = n / sum(f["requests"] / f["rps"] for f in fl)
-                    floor_rows.append({"kernels": k, "concurrency": c, "mode": "one", "rps": rps,
-                                       "p50_ms": statistics.median(f["p50_ms"] for f in fl),
-                                       "p99_ms": statistics.median(f["p99_ms"] for f in fl),
-                                       "errors": sum(f["errors"] for f in fl),
-                                       "wrong_bodies": sum(f["wrong_bodies"] for f in fl), "rounds": fl})
-                    log(f"K={k} c={c:<3} {'floor':<14} {rps:8.1f} req/s  p50 {floor_rows[-1]['p50_ms']:7.2f} ms "
-                        "(jupyter_client, one execute, in rotation)")
+                    floor_rows.append(
+                        {
+                            "kernels": k,
+                            "concurrency": c,
+                            "mode": "one",
+                            "rps": rps,
+                            "p50_ms": statistics.median(f["p50_ms"] for f in fl),
+                            "p99_ms": statistics.median(f["p99_ms"] for f in fl),
+                            "errors": sum(f["errors"] for f in fl),
+                            "wrong_bodies": sum(f["wrong_bodies"] for f in fl),
+                            "rounds": fl,
+                        }
+                    )
+                    log(
+                        f"K={k} c={c:<3} {'floor':<14} {rps:8.1f} req/s  p50 "
+                        f"{floor_rows[-1]['p50_ms']:7.2f} ms "
+                        "(jupyter_client, one execute, in rotation)"
+                    )
                 for kind in servers:
                     r = merge(got[kind])
                     rows.append(r)
-                    log(f"K={k} c={c:<3} {kind:<14} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.2f} ms  "
+                    log(
+                        f"K={k} c={c:<3} {kind:<14} {r['rps']:8.1f} req/s  p50 "
+                        f"{r['p50_ms']:7.2f} ms  "
                         f"p99 {r['p99_ms']:7.2f} ms  err {r['errors']} wrong {r['wrong_bodies']}  "
-                        f"cpu srv {r['server_cpu_ms_per_req']:.2f} ker {r['kernel_cpu_ms_per_req']:.2f} ms/req  "
+                        f"cpu srv {r['server_cpu_ms_per_req']:.2f} ker "
+                        f"{r['kernel_cpu_ms_per_req']:.2f} ms/req  "
                         f"others {r['others_cpu_pct']:.0f}%"
-                        + (f"  BAD SAMPLE {r['sample_bad']}" if r["sample_bad"] else ""))
+                        + (f"  BAD SAMPLE {r['sample_bad']}" if r["sample_bad"] else "")
+                    )
         finally:
             for s in live.values():
                 stop(s)
@@ -352,8 +482,18 @@ def phase_sweep(args, nb: Path, servers: list[str], floor_rows: list[dict],
 def run_floor(args, modes: str, concs: list[int], duration: int, tag: str) -> dict | None:
     """Runs floor.py (its own kernels, in its own session); returns its JSON or None."""
     py = VENV_KG / "bin" / "python"
-    cmd = [str(py), str(HERE / "floor.py"), "--kernels", str(args.floor_kernels), "--modes", modes,
-           "--concurrency", ",".join(map(str, concs)), "--duration", str(duration)]
+    cmd = [
+        str(py),
+        str(HERE / "floor.py"),
+        "--kernels",
+        str(args.floor_kernels),
+        "--modes",
+        modes,
+        "--concurrency",
+        ",".join(map(str, concs)),
+        "--duration",
+        str(duration),
+    ]
     m = procs.Managed("floor", cmd, str(LOGS / f"{tag}.log"))
     # stdout and stderr both go to the log; the final line is the JSON result
     try:
@@ -388,20 +528,36 @@ def versions() -> dict:
             return subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
+
     probe = "import importlib.metadata as m; print(' '.join(p + '=' + m.version(p) for p in %r))"
     v = {
-        "kg_venv": run([str(VENV_KG / "bin" / "python"), "-c",
-                        probe % ["jupyter_kernel_gateway", "jupyter_client", "ipykernel", "tornado", "pyzmq"]]),
+        "kg_venv": run(
+            [
+                str(VENV_KG / "bin" / "python"),
+                "-c",
+                probe
+                % ["jupyter_kernel_gateway", "jupyter_client", "ipykernel", "tornado", "pyzmq"],
+            ]
+        ),
         "wrk": " ".join(run(["wrk", "--version"]).split()[:2]),
         "python": sys.version.split()[0],
         "git": run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
-        "dirty": bool(run(["git", "-C", str(REPO), "status", "--porcelain", "--", "kgpool", "pyproject.toml"])),
+        "dirty": bool(
+            run(["git", "-C", str(REPO), "status", "--porcelain", "--", "kgpool", "pyproject.toml"])
+        ),
     }
     if (VENV_BENCH / "bin" / "kgpool").exists():
         v["kgpool"] = run([str(VENV_BENCH / "bin" / "kgpool"), "--version"])
         v["kgpool_source"] = os.environ.get("KGBENCH_KGPOOL_DESC") or (
-            "working tree " + v["git"] + (" + uncommitted changes" if v["dirty"] else ""))
-        v["bench_venv"] = run([str(VENV_BENCH / "bin" / "python"), "-c", probe % ["jupyter_client", "ipykernel", "pyzmq"]])
+            f"working tree {v['git']}" + (" + uncommitted changes" if v["dirty"] else "")
+        )
+        v["bench_venv"] = run(
+            [
+                str(VENV_BENCH / "bin" / "python"),
+                "-c",
+                probe % ["jupyter_client", "ipykernel", "pyzmq"],
+            ]
+        )
     return v
 
 
@@ -410,7 +566,9 @@ def pick_servers(spec: str) -> list[str]:
     if spec == "auto":
         spec = "kgpool,kg"
         if exe.exists():
-            helptext = subprocess.run([str(exe), "serve", "--help"], capture_output=True, text=True).stdout
+            helptext = subprocess.run(
+                [str(exe), "serve", "--help"], capture_output=True, text=True
+            ).stdout
             if "--channel" in helptext:
                 spec = "kgpool-direct,kgpool-jupyter,kg"
     servers = [s for s in spec.split(",") if s in SERVERS]
@@ -423,22 +581,47 @@ def pick_servers(spec: str) -> list[str]:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--quick", action="store_true", help="K=1,2  c=1,16  one 3 s run per cell, 1 start-up rep")
+    p.add_argument(
+        "--quick", action="store_true", help="K=1,2  c=1,16  one 3 s run per cell, 1 start-up rep"
+    )
     p.add_argument("--kernels", type=ints, default=None, help="kernel counts (default 1,2,4)")
-    p.add_argument("--concurrency", type=ints, default=None, help="wrk connections (default 1,4,16,64)")
-    p.add_argument("--duration", type=int, default=None, help="seconds per measured run (default 4)")
-    p.add_argument("--rounds", type=int, default=None,
-                   help="measured runs per server and cell, order alternating A B / B A (default 2; quick 1)")
-    p.add_argument("--warmup", type=int, default=2, help="seconds of discarded load per server and K")
-    p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1: leave the cores to the servers)")
+    p.add_argument(
+        "--concurrency", type=ints, default=None, help="wrk connections (default 1,4,16,64)"
+    )
+    p.add_argument(
+        "--duration", type=int, default=None, help="seconds per measured run (default 4)"
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="measured runs per server and cell, order alternating A B / B A (default 2; quick 1)",
+    )
+    p.add_argument(
+        "--warmup", type=int, default=2, help="seconds of discarded load per server and K"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="wrk threads (default 1: leave the cores to the servers)",
+    )
     p.add_argument("--startup-kernels", type=ints, default=[1, 4])
-    p.add_argument("--startup-reps", type=int, default=None, help="start-up measurements per server and K (default 3)")
+    p.add_argument(
+        "--startup-reps",
+        type=int,
+        default=None,
+        help="start-up measurements per server and K (default 3)",
+    )
     p.add_argument("--floor-kernels", type=int, default=2)
     p.add_argument("--floor-concurrency", type=ints, default=[1, 16])
     p.add_argument("--floor-duration", type=float, default=None)
-    p.add_argument("--servers", default="auto",
-                   help="comma list from kgpool, kgpool-direct, kgpool-jupyter, kg; auto = kgpool-direct,"
-                        "kgpool-jupyter,kg when kgpool has --channel, else kgpool,kg")
+    p.add_argument(
+        "--servers",
+        default="auto",
+        help="comma list from kgpool, kgpool-direct, kgpool-jupyter, kg; auto = kgpool-direct,"
+        "kgpool-jupyter,kg when kgpool has --channel, else kgpool,kg",
+    )
     p.add_argument("--skip", default="", help="phases to skip: startup,sweep,floor")
     a = p.parse_args(argv)
     q = a.quick
@@ -460,28 +643,41 @@ def main(argv: list[str]) -> int:
     nb, dev_nb = notebook_path()
     servers = pick_servers(args.servers)
     skip = set(args.skip.split(","))
-    started = dt.datetime.now(dt.timezone.utc)
+    started = dt.datetime.now(dt.UTC)
     result: dict = {
-        "started": started.isoformat(timespec="seconds"), "args": vars(args), "notebook": str(nb.relative_to(REPO)),
-        "dev_notebook": dev_nb, "servers": servers, "cores": os.cpu_count(), "loadavg_start": os.getloadavg(),
-        "versions": versions(), "expected_body": EXPECTED,
-        "command": " ".join(([f"KGPOOL_REF={os.environ['KGPOOL_REF']}"] if os.environ.get("KGPOOL_REF") else [])
-                            + ["bash", "benchmarks/run.sh", *argv]),
+        "started": started.isoformat(timespec="seconds"),
+        "args": vars(args),
+        "notebook": str(nb.relative_to(REPO)),
+        "dev_notebook": dev_nb,
+        "servers": servers,
+        "cores": os.cpu_count(),
+        "loadavg_start": os.getloadavg(),
+        "versions": versions(),
+        "expected_body": EXPECTED,
+        "command": " ".join(
+            ([f"KGPOOL_REF={os.environ['KGPOOL_REF']}"] if os.environ.get("KGPOOL_REF") else [])
+            + ["bash", "benchmarks/run.sh", *argv]
+        ),
     }
-    log(f"notebook {result['notebook']}; servers {servers}; kernels {args.kernels}; "
-        f"concurrency {args.concurrency}; {args.duration}s per run")
+    log(
+        f"notebook {result['notebook']}; servers {servers}; kernels {args.kernels}; "
+        f"concurrency {args.concurrency}; {args.duration}s per run"
+    )
     result["startup"] = [] if "startup" in skip else phase_startup(args, nb, servers)
     result["floor_inline"], result["varied_probe"] = [], []
     result["sweep"], result["kernel_executables"] = (
-        ([], {}) if "sweep" in skip
-        else phase_sweep(args, nb, servers, result["floor_inline"], result["varied_probe"]))
+        ([], {})
+        if "sweep" in skip
+        else phase_sweep(args, nb, servers, result["floor_inline"], result["varied_probe"])
+    )
     result["floor"] = None if "floor" in skip else phase_floor(args)
     result["loadavg_end"] = os.getloadavg()
-    result["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    result["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     result["leftover_processes"] = procs.leftovers()
     result["stops"] = STOPS
 
     import report  # matplotlib is imported lazily: the sweep must not depend on it
+
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(result, indent=1) + "\n")
     (RESULTS / "latest.md").write_text(report.markdown(result))
@@ -501,7 +697,9 @@ def _on_signal(signum, frame):  # noqa: ARG001
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, _on_signal)  # also when started with SIGINT ignored (background jobs)
+    signal.signal(
+        signal.SIGINT, _on_signal
+    )  # also when started with SIGINT ignored (background jobs)
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
     rc = 1

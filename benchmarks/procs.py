@@ -94,12 +94,14 @@ def _delta(before: dict[Key, int], after: dict[Key, int]) -> int:
 def cpu_ms(before: Snapshot, after: Snapshot) -> tuple[float, float]:
     """(server ms, kernels ms) used between two snapshots."""
     ms = 1000.0 / CLK_TCK
-    return (_delta(before.server_ticks, after.server_ticks) * ms,
-            _delta(before.kernel_ticks, after.kernel_ticks) * ms)
+    return (
+        _delta(before.server_ticks, after.server_ticks) * ms,
+        _delta(before.kernel_ticks, after.kernel_ticks) * ms,
+    )
 
 
-_REGISTRY: list["Managed"] = []  # started and not yet stopped
-ALL: list["Managed"] = []  # every process ever started, for the final leftover check
+_REGISTRY: list[Managed] = []  # started and not yet stopped
+ALL: list[Managed] = []  # every process ever started, for the final leftover check
 
 
 class Managed:
@@ -114,8 +116,12 @@ class Managed:
         self.stop_info: dict | None = None
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen(
-            cmd, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, start_new_session=True,
+            cmd,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
         )
         st = read_stat(self.proc.pid)
         self.key: Key = (self.proc.pid, st[2] if st else 0)
@@ -174,9 +180,13 @@ class Managed:
         deadline = time.monotonic() + 5
         left = [k for k in self.seen if alive(k)]
         # how the process went away: the harness has to clean up after it only when it misbehaves
-        self.stop_info = {"was_running": was_running, "exit": self.proc.returncode,
-                          "stop_s": round(time.monotonic() - t0, 3), "sigkill": sigkill,
-                          "descendants_left": len(left)}
+        self.stop_info = {
+            "was_running": was_running,
+            "exit": self.proc.returncode,
+            "stop_s": round(time.monotonic() - t0, 3),
+            "sigkill": sigkill,
+            "descendants_left": len(left),
+        }
         for k in left:
             _kill(k, signal.SIGTERM)
         while left and time.monotonic() < deadline:
