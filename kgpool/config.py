@@ -70,7 +70,8 @@ class Settings:
     allow_methods: str = _opt(
         "GET,POST,PUT,DELETE,PATCH", "CORS: methods a browser may use")
     allow_headers: str = _opt(
-        "Content-Type,Authorization,X-Request-ID", "CORS: request headers a browser may send")
+        "Content-Type,Authorization,X-Request-ID", "CORS: request headers a browser may send "
+        "(replaces the default list: keep Content-Type for JSON bodies)")
     expose_headers: str = _opt("X-Request-ID", "CORS: response headers a browser may read")
     max_age: int = _opt(600, "CORS: seconds a browser may cache a preflight answer")
     allow_credentials: bool = _opt(False, "CORS: let browsers send cookies/credentials")

@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("kgpool.access")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# raw path -> (notebook name, route template) of the endpoint it would reach, if any
+RouteOf = Callable[[str], "tuple[str, str] | None"]
 CALL = web.RequestKey("call", CallInfo)
 ROUTE = web.RequestKey("route", str)
 NOTEBOOK = web.RequestKey("notebook", str)
@@ -106,7 +108,7 @@ def auth(settings: Settings) -> Any:
     return middleware
 
 
-def cors(settings: Settings) -> Any:
+def cors(settings: Settings, route_of: RouteOf) -> Any:
     """CORS for the configured origins; preflights are answered here, without a kernel."""
     origins = settings.origins
     allow_all = "*" in origins
@@ -120,32 +122,41 @@ def cors(settings: Settings) -> Any:
 
     def headers_for(origin: str) -> dict[str, str]:
         return {"Access-Control-Allow-Origin": "*" if allow_all and not
-                settings.allow_credentials else origin, "Vary": "Origin", **base}
+                settings.allow_credentials else origin, **base}
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         origin = request.headers.get("Origin")
-        if origin is None:
-            return await handler(request)
-        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
-            if not allowed(origin):
-                return error_response(403, "cors_refused",
-                                      f"origin {origin} may not call this server")
-            return web.Response(status=204, headers={
-                **headers_for(origin), "Access-Control-Allow-Methods": methods,
-                "Access-Control-Allow-Headers": settings.allow_headers,
-                "Access-Control-Max-Age": str(settings.max_age)})
-        response = await handler(request)
-        if allowed(origin):
-            response.headers.update(headers_for(origin))
+        if origin is not None and request.method == "OPTIONS" and \
+                "Access-Control-Request-Method" in request.headers:
+            response = preflight(request, origin)
+        else:
+            response = await handler(request)
+            if origin is not None and allowed(origin):
+                response.headers.update(headers_for(origin))
+        if not allow_all:  # the answer depends on the Origin: caches must keep them apart
+            response.headers["Vary"] = "Origin"
         return response
+
+    def preflight(request: web.Request, origin: str) -> web.StreamResponse:
+        found = route_of(request.rel_url.raw_path)
+        if found is not None:
+            request[NOTEBOOK], request[ROUTE] = found
+        if not allowed(origin):
+            return error_response(403, "cors_refused", f"origin {origin} may not call this "
+                                  "server")
+        # Allowed even for an unknown path: the page then gets to read the real 404.
+        return web.Response(status=204, headers={
+            **headers_for(origin), "Access-Control-Allow-Methods": methods,
+            "Access-Control-Allow-Headers": settings.allow_headers,
+            "Access-Control-Max-Age": str(settings.max_age)})
     return middleware
 
 
-def middlewares(settings: Settings, metrics: Metrics) -> list[Any]:
+def middlewares(settings: Settings, metrics: Metrics, route_of: RouteOf) -> list[Any]:
     stack = [access(metrics)]
     if settings.origins:
-        stack.append(cors(settings))
+        stack.append(cors(settings, route_of))
     stack.append(json_errors)
     if settings.auth_token:
         stack.append(auth(settings))

@@ -202,6 +202,14 @@ class Mounts:
                 return mount, active, found[0], found[1]
         return None
 
+    def route_of(self, raw_path: str) -> tuple[str, str] | None:
+        """(notebook, route template) a path would reach; None for no route or a bad path."""
+        try:
+            found = self.match(raw_path)
+        except UnicodeDecodeError:
+            return None
+        return (found[0].name, found[2].path) if found is not None else None
+
     def begin(self) -> None:
         for mount in self.all:
             mount.active.service.begin()

@@ -171,7 +171,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     registry = registry if registry is not None else CollectorRegistry()
     metrics = Metrics(registry, timeout=settings.request_timeout)
     mounts = Mounts(mount_specs(settings), settings, metrics)
-    app = web.Application(middlewares=middlewares(settings, metrics),
+    app = web.Application(middlewares=middlewares(settings, metrics, mounts.route_of),
                           client_max_size=settings.max_body_size)
     app[MOUNTS] = mounts
     ops = OpsHandlers(mounts, registry)

@@ -165,7 +165,15 @@ class Server:
         return self._log.decode("utf-8", errors="replace")
 
     def __enter__(self) -> Server:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # never leave a half-started server (and its kernels) behind
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            if not self._logfile.closed:
+                self._logfile.close()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:

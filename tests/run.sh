@@ -12,14 +12,18 @@ step "python environment (.venv)"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 
-if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
-  step "apt: prometheus (server + promtool)"
+missing=""
+command -v prometheus >/dev/null && command -v promtool >/dev/null || missing="prometheus"
+command -v chromium >/dev/null || missing="$missing chromium"
+if [ -n "$missing" ]; then
+  step "apt: $missing (Prometheus server + promtool; headless Chromium for the browser tests)"
   if [ "$(id -u)" = 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get -o DPkg::Lock::Timeout=300 update -q >/dev/null
-    apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends prometheus >/dev/null
+    # shellcheck disable=SC2086
+    apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends $missing >/dev/null
   else
-    echo "not root: the Prometheus tests will be skipped" >&2
+    echo "not root: the Prometheus and browser tests will be skipped" >&2
   fi
 fi
 
@@ -32,7 +36,7 @@ if [ "$#" -eq 0 ]; then
   step "pytest (KGPOOL_CHANNEL=jupyter)"
   KGPOOL_CHANNEL=jupyter .venv/bin/python -m pytest -q tests/test_web.py tests/test_cli.py \
     tests/test_resilience.py tests/test_app.py tests/test_security.py tests/test_fuzz.py \
-    tests/test_rich.py tests/test_notebooks.py
+    tests/test_rich.py tests/test_notebooks.py tests/test_browser.py
 fi
 
 if [ "$#" -eq 0 ]; then

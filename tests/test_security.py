@@ -121,6 +121,8 @@ def test_cors_headers_only_for_allowed_origins(guarded: Server) -> None:
     assert "X-Request-ID" in allowed.headers["Access-Control-Expose-Headers"]
     refused = guarded.get("/echo", headers={**bearer(), "Origin": "http://evil.example"})
     assert "Access-Control-Allow-Origin" not in refused.headers
+    assert refused.headers["Vary"] == "Origin"  # caches must not reuse it for another origin
+    assert guarded.get("/echo", headers=bearer()).headers["Vary"] == "Origin"
     preflight = guarded.request("OPTIONS", "/echo", headers={
         "Origin": "http://evil.example", "Access-Control-Request-Method": "GET"})
     assert preflight.status == 403 and "Access-Control-Allow-Origin" not in preflight.headers
