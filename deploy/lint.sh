@@ -97,6 +97,8 @@ cfg = ast.parse(pathlib.Path("kgpool/config.py").read_text())
 settings = next(n for n in cfg.body if isinstance(n, ast.ClassDef) and n.name == "Settings")
 fields = {n.target.id for n in settings.body if isinstance(n, ast.AnnAssign)}
 known = {"KGPOOL_" + f.upper() for f in fields}
+# a field may name its variable itself: _opt(..., env="KGPOOL_NOTEBOOK")
+known |= set(re.findall(r'env="(KGPOOL_[A-Z_]+)"', pathlib.Path("kgpool/config.py").read_text()))
 dockerfile = pathlib.Path("deploy/Dockerfile").read_text()
 compose = yaml.safe_load(pathlib.Path("deploy/compose.yaml").read_text())
 for where, names in (("deployment.yaml", env),
