@@ -162,7 +162,7 @@ echo "GET /convert?angle=180 -> $code $body"
 [ "$body" = "$EXPECTED" ] || fail "body: expected $EXPECTED"
 
 # KGPOOL_KERNELS came through the environment: the pool reports it.
-desired=$(http_get "$base/metrics" | awk '/^kgpool_kernels_desired /{print $2}')
+desired=$(http_get "$base/metrics" | awk '/^kgpool_kernels_desired[{ ]/{s += $NF} END {print s}')
 echo "kgpool_kernels_desired = $desired"
 [ "${desired%.0}" = "$KERNELS" ] || fail "KGPOOL_KERNELS=$KERNELS not honoured (metric says '$desired')"
 step "endpoint + env checks"
