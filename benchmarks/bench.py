@@ -420,7 +420,7 @@ def phase_sweep(
                 with_floor = (
                     k == args.floor_kernels
                     and c in args.floor_concurrency
-                    and "floor" not in args.skip
+                    and "inline-floor" not in args.skip
                 )
                 fl: list[dict] = []
                 for rnd in range(args.rounds):  # A B, then B A: drift and bursts hit both
@@ -622,7 +622,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="comma list from kgpool, kgpool-direct, kgpool-jupyter, kg; auto = kgpool-direct,"
         "kgpool-jupyter,kg when kgpool has --channel, else kgpool,kg",
     )
-    p.add_argument("--skip", default="", help="phases to skip: startup,sweep,floor")
+    p.add_argument("--name", default="latest", help="results/NAME.{md,png,json} (default latest)")
+    p.add_argument(
+        "--skip",
+        default="",
+        help="phases to skip: startup, sweep, floor (the separate floor phase), inline-floor",
+    )
     a = p.parse_args(argv)
     q = a.quick
     a.kernels = a.kernels or ([1, 2] if q else [1, 2, 4])
@@ -679,13 +684,14 @@ def main(argv: list[str]) -> int:
     import report  # matplotlib is imported lazily: the sweep must not depend on it
 
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "latest.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / "latest.md").write_text(report.markdown(result))
+    name = args.name
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / f"{name}.md").write_text(report.markdown(result))
     try:
-        report.plot(result, RESULTS / "latest.png")
+        report.plot(result, RESULTS / f"{name}.png")
     except Exception as exc:  # noqa: BLE001 - the table is the result; the plot is a view of it
         log(f"plot failed: {exc}")
-    log(f"wrote {RESULTS / 'latest.md'}, latest.png, latest.json")
+    log(f"wrote {RESULTS / name}.md, .png, .json")
     if result["leftover_processes"]:
         log(f"ERROR: processes left behind: {result['leftover_processes']}")
         return 1
