@@ -191,8 +191,10 @@ class Server:
         st, text = http_get(self.port, "/metrics", 2.0)
         if st != 200:
             return None
-        m = re.search(r'^kgpool_kernels\{state="idle"\}\s+([0-9.e+]+)', text, re.M)
-        return int(float(m.group(1))) if m else None
+        # summed over label sets: newer kgpool adds a notebook label
+        vals = re.findall(r"^kgpool_kernels\{([^}]*)\}\s+([0-9.e+]+)", text, re.M)
+        idle = [float(v) for labels, v in vals if 'state="idle"' in labels]
+        return int(sum(idle)) if idle else None
 
     def kernel_exes(self) -> list[str]:
         self.proc.refresh()
