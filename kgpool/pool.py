@@ -307,6 +307,7 @@ class KernelPool:
         seconds = time.monotonic() - started
         log.info("kernel slot %d warm in %.2fs (pid %s)", slot, seconds, kernel.pid)
         if not kernel.is_alive:  # died between warm-up and now
+            await kernel.shutdown()
             raise InitError(f"kernel for slot {slot} died right after warm-up")
         return lease
 

@@ -196,8 +196,13 @@ class NotebookService:
         run = asyncio.create_task(self._run(lease, endpoint, request_document(request),
                                             deadline))
         self._runs.add(run)
-        run.add_done_callback(self._runs.discard)
+        run.add_done_callback(self._run_done)
         return await asyncio.shield(run)
+
+    def _run_done(self, run: asyncio.Task[Reply]) -> None:
+        self._runs.discard(run)
+        if not run.cancelled():
+            run.exception()  # retrieved: its client may have gone away before it ended
 
     async def _execute(self, kernel: Kernel, endpoint: Endpoint,
                        request: str) -> tuple[ExecutionResult, ExecutionResult | None]:
