@@ -78,10 +78,15 @@ def test_route_clash_is_a_start_up_error(tmp_path: Path) -> None:
 
 
 def load(server: Server, path: str, stop: threading.Event, results: list[tuple[int, str]]) -> None:
-    for _ in range(2000):  # bounded in count as well as time
+    for _ in range(3000):  # bounded in count as well as time: at most ~50/s, so >= 60 s
         if stop.is_set():
             return
-        resp = server.get(path, timeout=30)
+        time.sleep(0.02)
+        try:
+            resp = server.get(path, timeout=30)
+        except OSError as exc:  # recorded, so the test fails on it instead of stalling
+            results.append((0, repr(exc)))
+            continue
         results.append((resp.status, resp.text))
 
 
@@ -97,8 +102,12 @@ def test_reload_under_load_drops_nothing(tmp_path: Path) -> None:
         time.sleep(1.0)
         notebook(path, "VERSION = 2", "# GET /v\nprint(VERSION, end='')")
         try:
-            wait_for(lambda: bool(results) and results[-1][1] == "2", timeout=60,
-                     what="the new version to answer")
+            try:
+                wait_for(lambda: bool(results) and results[-1][1] == "2", timeout=60,
+                         what="the new version to answer")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}; last answers {results[-3:]}; server log:\n"
+                                     f"{server.output()[-3000:]}") from None
             time.sleep(1.0)
         finally:
             stop.set()
