@@ -19,7 +19,7 @@ from prometheus_client import disable_created_metrics
 from . import __version__
 from .config import Settings
 from .errors import ConfigError, NotebookError
-from .notebook import Notebook, load_notebook
+from .notebook import Notebook, Router, load_notebook
 from .web import MOUNTS, create_app
 
 log = logging.getLogger("kgpool")
@@ -132,7 +132,6 @@ def configure_logging(fmt: str, level: str) -> None:
 
 
 def print_routes(notebook: Notebook) -> None:
-    from .notebook import Router
     print(f"{notebook.name}: language {notebook.language}, kernel {notebook.kernel_name}, "
           f"{len(notebook.init_cells)} init cell(s)")
     for route in Router(notebook.endpoints).routes:

@@ -36,11 +36,10 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 # Exception type -> (status, error code, extra headers); the first matching type wins.
+# (ExecutionError and KernelDied are answered by describe() itself.)
 _STATUS_TABLE: tuple[tuple[type[BaseException], int, str, dict[str, str]], ...] = (
-    (ExecutionError, 500, "", {}),
     (ResponseInfoError, 500, "bad_response_info", {}),
     (ExecutionTimeout, 504, "timeout", {}),
-    (KernelDied, 502, "kernel_died", {}),
     (QueueFull, 503, "queue_full", {"Retry-After": RETRY_AFTER}),
     (PoolClosed, 503, "draining", {"Retry-After": RETRY_AFTER}),
     (PoolUnavailable, 503, "not_ready", {"Retry-After": "5"}),
