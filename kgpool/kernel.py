@@ -164,12 +164,14 @@ class Kernel:
 
     def kill(self) -> None:
         """SIGKILL the kernel's process group (the kernel and anything it spawned)."""
-        if self.pid is None:
+        process = self._process()  # also set when start() was cancelled half-way
+        pid = self.pid or (process.pid if process is not None else None)
+        if pid is None:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
+            os.killpg(pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(self.pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
 
     async def interrupt(self) -> None:
         if self._km is not None and self.is_alive:

@@ -125,11 +125,15 @@ def test_reload_under_load_drops_nothing(tmp_path: Path) -> None:
 
 def test_broken_new_version_is_refused_and_old_keeps_serving(tmp_path: Path) -> None:
     path = notebook(tmp_path / "live.ipynb", "VERSION = 1", "# GET /v\nprint(VERSION, end='')")
-    with Server(path, "--kernels", "1") as server:
-        notebook(path, "VERSION = 2\nraise RuntimeError('bad init')",
-                 "# GET /v\nprint(VERSION, end='')")
+    with Server(path, "--kernels", "3") as server:
+        serving = set(server.kernel_pids())
+        notebook(path, "import time, random\ntime.sleep(random.random())\nVERSION = 2\n"
+                       "raise RuntimeError('bad init')", "# GET /v\nprint(VERSION, end='')")
         wait_for(lambda: server.get("/readyz").json()["notebooks"]["live"]["reload_error"],
                  timeout=60, what="the reload to be refused")
+        # the refused version's kernels, even those cut off while starting, are all gone
+        wait_for(lambda: set(server.kernel_pids()) == serving, timeout=15,
+                 what="only the serving kernels to remain")
         ready = server.get("/readyz").json()
         assert "bad init" in ready["notebooks"]["live"]["reload_error"]
         assert ready["status"] == "ready"
