@@ -107,10 +107,13 @@ def _kgpool_direct_install(path, cells):
                 reply = {"c": run(code)}
                 if reply["c"][2] is None and info is not None:
                     reply["i"] = run(info)
-                payload = json.dumps(reply).encode("utf-8", "surrogateescape")
+                payload = json.dumps(reply, default=lambda o: jsonable(o) if isinstance(
+                    o, bytes) else str(o)).encode("utf-8", "surrogateescape")
                 writer.write(struct.pack(">I", len(payload)) + payload)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # kgpool closed the channel
+        finally:  # on any other failure too: kgpool sees the channel close, never a hang
             writer.close()
 
     # Bound and listening now; accepting starts when this cell returns to the kernel's loop.
