@@ -168,8 +168,7 @@ async def serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(
-        mounts.reload_changed(force=True)))
+    loop.add_signal_handler(signal.SIGHUP, mounts.reload_changed, True)
     try:
         site = web.TCPSite(runner, settings.host, settings.port)
         try:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Settings
-from .errors import ConfigError, InitError, KgpoolError
+from .errors import ConfigError, KgpoolError
 from .metrics import Metrics
 from .notebook import Notebook, Route, Router, load_notebook
 from .pool import PoolStatus
@@ -129,9 +129,11 @@ class Mount:
             fresh.service.begin()
             try:
                 await fresh.service.warmed()
-            except (InitError, KgpoolError) as exc:
+            except BaseException as exc:  # refused, or kgpool is stopping: no kernel left
                 await fresh.service.close()
-                return self._refuse(str(exc))
+                if isinstance(exc, KgpoolError):
+                    return self._refuse(str(exc))
+                raise
             old, self.active, self.reload_error = self.active, fresh, None
             log.info("%s: switched to the new version; retiring the old kernels", self.name)
             self.retiring.append(old.service)
@@ -166,6 +168,7 @@ class Mounts:
 
     def __init__(self, specs: list[MountSpec], settings: Settings, metrics: Metrics) -> None:
         self._settings = settings
+        self._reloads: set[asyncio.Task[bool]] = set()
         self.all: list[Mount] = []
         for spec in specs:
             mount = Mount(spec, settings, metrics)
@@ -226,11 +229,22 @@ class Mounts:
         return all(results)
 
     async def close(self) -> None:
-        await asyncio.gather(*(m.active.service.close() for m in self.all))
+        """Stop reloads in progress, then every pool: serving and retiring ones alike."""
+        for task in list(self._reloads):
+            task.cancel()
+        await asyncio.gather(*self._reloads, return_exceptions=True)
+        await asyncio.gather(*(service.close() for m in self.all
+                               for service in [m.active.service, *m.retiring]))
 
-    async def reload_changed(self, force: bool = False) -> None:
-        changed = [m for m in self.all if force or m.changed()]
-        await asyncio.gather(*(m.reload(self.check_clashes) for m in changed))
+    def reload(self, mount: Mount) -> None:
+        task = asyncio.ensure_future(mount.reload(self.check_clashes))
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    def reload_changed(self, force: bool = False) -> None:
+        for mount in self.all:
+            if force or mount.changed():
+                self.reload(mount)
 
     async def watch(self, interval: float = 1.0) -> None:
         """Poll the notebook files; a file must hold still for one interval before a reload."""
@@ -244,6 +258,6 @@ class Mounts:
                 stamp = _stamp(mount.spec.path)
                 if seen.get(mount.name) == stamp and stamp != (0, 0):
                     seen.pop(mount.name)
-                    asyncio.ensure_future(mount.reload(self.check_clashes))
+                    self.reload(mount)
                 else:
                     seen[mount.name] = stamp
