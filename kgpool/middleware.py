@@ -100,7 +100,7 @@ def auth(settings: Settings) -> Any:
             return await handler(request)
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() not in ("bearer", "token") or \
-                not hmac.compare_digest(given.strip().encode(), token):
+                not hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), token):
             return error_response(401, "unauthorized", "a valid token is required: "
                                   "Authorization: Bearer <token>",
                                   {"WWW-Authenticate": 'Bearer realm="kgpool"'})

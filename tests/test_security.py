@@ -38,6 +38,8 @@ def test_token_required_with_json_401(guarded: Server) -> None:
         assert resp.headers["WWW-Authenticate"].startswith("Bearer")
     assert guarded.get("/echo", headers=bearer()).status == 200
     assert guarded.get("/echo", headers={"Authorization": f"token {TOKEN}"}).status == 200
+    # a token that is not even UTF-8 is just a wrong token (http.client sends latin-1 bytes)
+    assert guarded.get("/echo", headers={"Authorization": "Bearer \xff\xfe"}).status == 401
 
 
 def test_probes_and_metrics_stay_open(guarded: Server) -> None:
