@@ -40,7 +40,9 @@ def access(metrics: Metrics) -> Any:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.monotonic()
-        request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+        request_id = request.headers.get("X-Request-ID", "")
+        if not (0 < len(request_id) <= 128 and request_id.isascii() and request_id.isprintable()):
+            request_id = uuid.uuid4().hex  # none given, or nothing fit for logs and headers
         request[CALL] = info = CallInfo()
         ops = request.path in OPS_PATHS
         if not ops:

@@ -231,3 +231,5 @@ def test_request_id_echoed_or_generated(kitchen: Server) -> None:
     assert kitchen.get("/state", headers={"X-Request-ID": "abc-123"}).headers["X-Request-ID"] \
         == "abc-123"
     assert len(kitchen.get("/state").headers["X-Request-ID"]) >= 16
+    odd = kitchen.get("/state", headers={"X-Request-ID": "bad\xff id"}).headers["X-Request-ID"]
+    assert odd.isascii() and len(odd) == 32  # replaced, not echoed
