@@ -38,19 +38,11 @@ class ExecutionError(KgpoolError):
 
 
 class InitError(KgpoolError):
-    """An init cell failed while a kernel was being warmed."""
-
-    def __init__(self, message: str, cell_index: int | None = None) -> None:
-        super().__init__(message)
-        self.cell_index = cell_index
+    """An init cell failed while a kernel was being warmed; the message names the cell."""
 
 
 class ExecutionTimeout(KgpoolError, TimeoutError):
     """A request's deadline passed, while queued or while running."""
-
-    def __init__(self, message: str, *, queued: bool) -> None:
-        super().__init__(message)
-        self.queued = queued
 
 
 class PoolClosed(KgpoolError):

@@ -173,11 +173,6 @@ class Kernel:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
 
-    async def interrupt(self) -> None:
-        if self._km is not None and self.is_alive:
-            with contextlib.suppress(Exception):
-                await self._km.interrupt_kernel()
-
     # ----- execution --------------------------------------------------------------------
 
     async def execute(self, code: str, *, silent: bool = False) -> ExecutionResult:

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from .config import Settings
 from .metrics import Metrics
+from .mounts import OPS_PATHS
 from .service import CallInfo
 
 log = logging.getLogger(__name__)
@@ -24,8 +25,6 @@ RouteOf = Callable[[str], "tuple[str, str] | None"]
 CALL = web.RequestKey("call", CallInfo)
 ROUTE = web.RequestKey("route", str)
 NOTEBOOK = web.RequestKey("notebook", str)
-OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/_api/spec/swagger.json",
-                       "/_api/spec/openapi.json"})
 PROBES = frozenset({"/healthz", "/readyz"})
 
 

@@ -20,8 +20,9 @@ from .service import NotebookService
 
 log = logging.getLogger(__name__)
 
-OPS_PATHS = ("/healthz", "/readyz", "/metrics", "/_api/spec/swagger.json",
-             "/_api/spec/openapi.json")
+# kgpool's own paths: served before any notebook route, never counted as API traffic
+OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/_api/spec/swagger.json",
+                       "/_api/spec/openapi.json"})
 _PREFIX = re.compile(r"(/[A-Za-z0-9._~-]+)+\Z")
 
 

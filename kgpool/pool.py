@@ -9,7 +9,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from .errors import ExecutionTimeout, InitError, PoolClosed, PoolUnavailable, QueueFull
@@ -44,7 +44,6 @@ class Lease:
     limit: int  # requests before recycling; 0 means never
     served: int = 0
     retiring: bool = False
-    leased_at: float = field(default=0.0)
 
 
 @dataclass(frozen=True)
@@ -58,10 +57,6 @@ class PoolStatus:
     capacity: int
     draining: bool
     failing: tuple[str, ...]
-
-    @property
-    def warm(self) -> int:
-        return self.idle + self.busy
 
 
 class KernelPool:
@@ -174,8 +169,7 @@ class KernelPool:
         except BaseException as exc:
             self._abandon(waiter)
             if isinstance(exc, TimeoutError):
-                raise ExecutionTimeout("no kernel became free before the deadline",
-                                       queued=True) from None
+                raise ExecutionTimeout("no kernel became free before the deadline") from None
             raise
         finally:
             self._listener.queue_waited(time.monotonic() - queued_at)
@@ -193,7 +187,6 @@ class KernelPool:
 
     def _lend(self, lease: Lease) -> Lease:
         self._busy.add(lease)
-        lease.leased_at = time.monotonic()
         return lease
 
     def release(self, lease: Lease, outcome: str = "ok") -> None:

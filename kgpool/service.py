@@ -141,8 +141,7 @@ class NotebookService:
                     if result.error is not None:
                         raise InitError(
                             f"init cell {cell.index} ({cell.first_line!r}) raised "
-                            f"{result.error.get('ename')}: {result.error.get('evalue')}",
-                            cell.index)
+                            f"{result.error.get('ename')}: {result.error.get('evalue')}")
                 self.metrics.kernel_warmed(booted - started, time.monotonic() - booted)
                 cell = None
                 await self._open_direct(kernel)
@@ -150,11 +149,10 @@ class NotebookService:
             await kernel.shutdown()
             where = f" in init cell {cell.index} ({cell.first_line!r})" if cell else ""
             if isinstance(exc, TimeoutError):
-                raise InitError(f"kernel not warm after {self.settings.init_timeout:g}s{where}",
-                                cell.index if cell else None) from None
+                raise InitError(
+                    f"kernel not warm after {self.settings.init_timeout:g}s{where}") from None
             if isinstance(exc, KernelDied):
-                raise InitError(f"kernel died{where} (exit code {exc.exit_code})",
-                                cell.index if cell else None) from None
+                raise InitError(f"kernel died{where} (exit code {exc.exit_code})") from None
             if isinstance(exc, KernelError):
                 raise InitError(str(exc)) from None
             raise
@@ -242,8 +240,8 @@ class NotebookService:
             return reply
         except TimeoutError:
             outcome = "timeout"
-            raise ExecutionTimeout(f"the request ran past its {self.settings.timeout:g}s deadline",
-                                   queued=False) from None
+            raise ExecutionTimeout(
+                f"the request ran past its {self.settings.timeout:g}s deadline") from None
         except KernelDied:
             outcome = "crash"
             raise
