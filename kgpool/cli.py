@@ -19,7 +19,8 @@ from prometheus_client import disable_created_metrics
 from . import __version__
 from .config import Settings
 from .errors import ConfigError, NotebookError
-from .notebook import Notebook, Router, load_notebook
+from .notebook import Notebook, load_notebook
+from .routes import Router
 from .web import MOUNTS, create_app
 
 log = logging.getLogger("kgpool")

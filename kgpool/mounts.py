@@ -14,8 +14,9 @@ from pathlib import Path
 from .config import Settings
 from .errors import ConfigError, KgpoolError
 from .metrics import Metrics
-from .notebook import Notebook, Route, Router, load_notebook
+from .notebook import Notebook, load_notebook
 from .pool import PoolStatus
+from .routes import Route, Router
 from .service import NotebookService
 
 log = logging.getLogger(__name__)

@@ -28,10 +28,12 @@ from .errors import (
     ResponseInfoError,
 )
 from .kernel import Kernel
+from .languages import bind_request
 from .metrics import NotebookMetrics
-from .notebook import Endpoint, Notebook, RequestData, bind_request, request_document
+from .notebook import Endpoint, Notebook
 from .outputs import ExecutionResult, choose_body
 from .pool import KernelPool, Lease, PoolStatus
+from .requests import RequestData, request_document
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,9 @@ from .index import render_index
 from .metrics import Metrics
 from .middleware import CALL, NOTEBOOK, ROUTE, error_response, middlewares
 from .mounts import Mounts, mount_specs
-from .notebook import Notebook, RequestData, openapi, swagger
+from .notebook import Notebook
+from .requests import RequestData
+from .specs import openapi, swagger
 
 log = logging.getLogger(__name__)
 

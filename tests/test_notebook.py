@@ -9,16 +9,11 @@ import nbformat
 import pytest
 
 from kgpool.errors import NotebookError
-from kgpool.notebook import (
-    RequestData,
-    Router,
-    bind_request,
-    load_notebook,
-    parse_body,
-    parse_notebook,
-    request_document,
-    swagger,
-)
+from kgpool.languages import bind_request
+from kgpool.notebook import load_notebook, parse_notebook
+from kgpool.requests import RequestData, parse_body, request_document
+from kgpool.routes import Router
+from kgpool.specs import swagger
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -1,0 +1,27 @@
+"""Per kernel language: comment syntax of annotations and the inert binding of REQUEST."""
+
+from __future__ import annotations
+
+import json
+
+# Comment prefix by language_info.name; anything unlisted uses "#", as Kernel Gateway does.
+COMMENT_PREFIXES = {
+    "scala": "//", "javascript": "//", "typescript": "//", "java": "//", "kotlin": "//",
+    "groovy": "//", "go": "//", "rust": "//", "c": "//", "c++": "//", "csharp": "//",
+    "c#": "//", "f#": "//", "swift": "//",
+    "sql": "--", "haskell": "--", "lua": "--",
+    "matlab": "%", "octave": "%", "prolog": "%", "erlang": "%",
+}
+
+
+def bind_request(language: str, request: str) -> str:
+    """Code that sets the REQUEST global to the given text, as data the text cannot escape."""
+    if language == "python":
+        return f"REQUEST = {request!r}\n"  # repr(str) is always a one-line, exact literal
+    if language == "bash":
+        return "REQUEST='" + request.replace("'", "'\\''") + "'\n"
+    if language == "perl":
+        return "my $REQUEST = '" + request.replace("\\", "\\\\").replace("'", "\\'") + "';\n"
+    if language == "r":
+        return f"REQUEST <- {json.dumps(request, ensure_ascii=False)}\n"
+    return f"REQUEST = {json.dumps(request)}\n"

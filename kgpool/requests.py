@@ -1,0 +1,83 @@
+"""The REQUEST document: what a notebook sees of an HTTP request, in Kernel Gateway's shape."""
+
+from __future__ import annotations
+
+import base64
+import email.policy
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from email.parser import BytesParser
+from typing import Any
+from urllib.parse import parse_qsl
+
+
+@dataclass(frozen=True)
+class RequestData:
+    """The parts of an HTTP request that a notebook sees, as the web layer read them."""
+
+    body: bytes = b""
+    content_type: str = ""
+    query: tuple[tuple[str, str], ...] = ()
+    params: Mapping[str, str] = field(default_factory=dict)
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def request_document(data: RequestData) -> str:
+    """The REQUEST value: a JSON text with Kernel Gateway's keys, in its order."""
+    args: dict[str, list[str]] = {}
+    for name, value in data.query:
+        args.setdefault(name, []).append(value)
+    headers: dict[str, Any] = {}
+    for name, value in data.headers:
+        key = "-".join(word.capitalize() for word in name.split("-"))
+        if key in headers:
+            old = headers[key]
+            headers[key] = (old if isinstance(old, list) else [old]) + [value]
+        else:
+            headers[key] = value
+    document = {"body": parse_body(data.body, data.content_type), "args": args,
+                "path": dict(data.params), "headers": headers}
+    return json.dumps(document)
+
+
+def parse_body(body: bytes, content_type: str) -> Any:
+    """JSON and form bodies become data; anything else stays text (parameters are ignored)."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media == "multipart/form-data":
+        return _multipart_fields(body, content_type)
+    text = body.decode("utf-8", errors="surrogateescape")  # invalid bytes survive the trip
+    if media == "application/json" or media.endswith("+json"):
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+    if media == "application/x-www-form-urlencoded":
+        fields: dict[str, list[str]] = {}
+        for name, value in parse_qsl(text, keep_blank_values=True, errors="surrogateescape"):
+            fields.setdefault(name, []).append(value)
+        return fields
+    return text
+
+
+def _multipart_fields(body: bytes, content_type: str) -> dict[str, list[Any]]:
+    """Text fields as strings; files as {filename, content_type, size, base64}."""
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1", "replace")
+    message = BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    fields: dict[str, list[Any]] = {}
+    if not message.is_multipart():
+        return fields
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not isinstance(name, str):
+            continue
+        payload = part.get_payload(decode=True)
+        raw = payload if isinstance(payload, bytes) else b""
+        filename = part.get_filename()
+        if filename is None:
+            fields.setdefault(name, []).append(raw.decode("utf-8", errors="surrogateescape"))
+        else:
+            fields.setdefault(name, []).append({
+                "filename": filename, "content_type": part.get_content_type(),
+                "size": len(raw), "base64": base64.b64encode(raw).decode("ascii")})
+    return fields
