@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import signal
+import ssl
 import sys
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import disable_created_metrics
 
 from . import __version__
-from .config import Settings
+from .config import LOG_LEVELS, SECRET_ENV, Settings
 from .errors import ConfigError, NotebookError
+from .kgcompat import Translation, fetch_seed, is_kernel_gateway_argv, translate
 from .notebook import Notebook, load_notebook
 from .routes import Router
 from .web import MOUNTS, create_app
@@ -40,12 +44,20 @@ def _serve_parser(sub: Any) -> None:
                     "kernels. Every flag can also be set as KGPOOL_<FLAG> in the environment "
                     "(e.g. KGPOOL_KERNELS=4); a flag on the command line wins.",
     )
+    _add_setting_flags(serve, positional=True)
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser, positional: bool) -> None:
     for f in dataclasses.fields(Settings):
         meta = f.metadata
-        if meta.get("positional"):
-            serve.add_argument(f.name, nargs="*", metavar="NOTEBOOK",
-                               help=f"{meta['help']} [env {_env_name(f.name)}]")
+        if meta.get("cli") is False:
             continue
+        if meta.get("positional"):
+            if positional:
+                parser.add_argument(f.name, nargs="*", metavar="NOTEBOOK",
+                                    help=f"{meta['help']} [env {_env_name(f.name)}]")
+            continue
+        serve = parser
         default = f" (default: {f.default})" if f.default not in ("", False) else ""
         if _kind(f) is bool:
             serve.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
@@ -53,7 +65,8 @@ def _serve_parser(sub: Any) -> None:
                                help=f"{meta['help']} (default: {'on' if f.default else 'off'})"
                                     f" [env {_env_name(f.name)}=1|0]")
             continue
-        serve.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_kind(f),
+        kind = _log_level if f.name == "log_level" else _kind(f)
+        serve.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind,
                            default=None, choices=meta.get("choices"),
                            metavar=f.name.upper() if not meta.get("choices") else None,
                            help=f"{meta['help']}{default} "
@@ -71,6 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_level(text: str) -> str:
+    """debug..critical in any case, Kernel Gateway's WARN, or a number (10, 20, ...)."""
+    value = text.strip().lower()
+    value = {"warn": "warning", "0": "debug", "10": "debug", "20": "info", "30": "warning",
+             "40": "error", "50": "critical"}.get(value, value)
+    if value not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(LOG_LEVELS)}")
+    return value
+
+
 def _kind(f: dataclasses.Field[Any]) -> Any:
     return {"int": int, "float": float, "bool": bool}.get(str(f.type), str)
 
@@ -84,14 +107,19 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(text)
 
 
-def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
-    """A flag wins over its KGPOOL_* variable, which wins over the default."""
-    values: dict[str, Any] = {}
+def settings_from(args: argparse.Namespace, environ: Mapping[str, str],
+                  base: Mapping[str, Any] | None = None) -> Settings:
+    """A flag wins over its KGPOOL_* variable, which wins over `base` (what Kernel Gateway's
+    options said), which wins over the default."""
+    values: dict[str, Any] = dict(base or {})
     for f in dataclasses.fields(Settings):
+        if f.metadata.get("cli") is False:
+            continue
         value = getattr(args, f.name, None)
         env = environ.get(_env_name(f.name))
         if f.metadata.get("positional"):
-            values[f.name] = tuple(value) if value else ((env,) if env else ())
+            if value or env:
+                values[f.name] = tuple(value) if value else (env,)
             continue
         if value is None and env not in (None, ""):
             try:
@@ -105,6 +133,7 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
             values[f.name] = value
     if not values.get("notebooks"):
         raise ConfigError("a NOTEBOOK argument (or KGPOOL_NOTEBOOK) is required")
+    values["kernel_env"] = {k: v for k, v in environ.items() if k not in SECRET_ENV}
     return Settings(**values)
 
 
@@ -171,14 +200,17 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(signum, on_signal, signum)
     loop.add_signal_handler(signal.SIGHUP, mounts.reload_changed, True)
     try:
-        site = web.TCPSite(runner, settings.host, settings.port)
         try:
+            site = web.TCPSite(runner, None if settings.host in ("*", "") else settings.host,
+                               settings.port, ssl_context=ssl_context(settings))
             await site.start()
-        except OSError as exc:
+        except (OSError, ConfigError) as exc:
             log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc)
             return 1
-        log.info("listening on http://%s:%d, warming %s", settings.host, settings.port,
-                 ", ".join(f"{m.spec.kernels} kernel(s) for {m.spec.path}" for m in mounts.all))
+        scheme = "https" if settings.certfile else "http"
+        log.info("listening on %s://%s:%d%s/, warming %s", scheme, settings.host, settings.port,
+                 settings.prefix, ", ".join(f"{m.spec.kernels} kernel(s) for {m.spec.path}"
+                                            for m in mounts.all))
         warm = asyncio.ensure_future(mounts.warmed())
         stopped = asyncio.ensure_future(stop.wait())
         await asyncio.wait({warm, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -207,24 +239,68 @@ async def serve(settings: Settings) -> int:
         log.info("stopped; all kernels shut down")
 
 
+def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """HTTPS when a certificate is configured; client certificates when a CA is."""
+    if not settings.certfile:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(settings.certfile, settings.keyfile or None)
+        if settings.client_ca:
+            context.load_verify_locations(settings.client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"TLS set-up failed: {exc}") from None
+    return context
+
+
 async def _second_signal(count: Any) -> None:
     while count() < 2:
         await asyncio.sleep(0.1)
 
 
+def kernel_gateway_settings(argv: list[str], environ: Mapping[str, str],
+                            seed_dir: Callable[[], str]) -> tuple[Settings, Translation]:
+    """`kgpool --KernelGatewayApp.seed_uri=...`: Kernel Gateway's options (command line, config
+    file, KG_*), with kgpool's own flags and KGPOOL_* variables on top."""
+    parser = argparse.ArgumentParser(prog="kgpool", allow_abbrev=False, add_help=False)
+    _add_setting_flags(parser, positional=False)
+    args, rest = parser.parse_known_args(argv)
+    translation = translate(rest, environ)
+    seed = translation.values["notebooks"][0]
+    translation.values["notebooks"] = (fetch_seed(seed, seed_dir),)
+    return settings_from(args, environ, translation.values), translation
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "routes":
-            print_routes(load_notebook(args.notebook))
-            return 0
-        settings = settings_from(args, os.environ)
-        os.environ.pop("KGPOOL_AUTH_TOKEN", None)  # kernels inherit the environment
-        disable_created_metrics()  # *_created series double the count and nobody graphs them
-        configure_logging(settings.log_format, settings.log_level)
-    except (NotebookError, ConfigError) as exc:
-        print(f"kgpool: error: {exc}", file=sys.stderr)
-        return 2
-    return asyncio.run(serve(settings))
+    if argv[:1] == ["kernelgateway"]:  # `jupyter kernelgateway ...` with one word changed
+        argv = argv[1:]
+    kg_mode = is_kernel_gateway_argv(argv) and \
+        (bool(argv) or any(k.startswith("KG_") for k in os.environ))
+    with contextlib.ExitStack() as stack:
+        try:
+            if kg_mode:
+                settings, translation = kernel_gateway_settings(
+                    argv, os.environ, lambda: stack.enter_context(
+                        tempfile.TemporaryDirectory(prefix="kgpool-seed-")))
+            else:
+                args = build_parser().parse_args(argv)
+                if args.command == "routes":
+                    print_routes(load_notebook(args.notebook))
+                    return 0
+                settings, translation = settings_from(args, os.environ), Translation()
+            for name in SECRET_ENV:  # kernels must not inherit a token
+                os.environ.pop(name, None)
+            disable_created_metrics()  # *_created series double the count; nobody graphs them
+            configure_logging(settings.log_format, settings.log_level)
+        except (NotebookError, ConfigError) as exc:
+            print(f"kgpool: error: {exc}", file=sys.stderr)
+            return 2
+        if kg_mode:
+            log.info("Kernel Gateway options read: %s", ", ".join(
+                f"{k}={'***' if k == 'auth_token' else v!r}"
+                for k, v in translation.values.items()))
+        for note in translation.notes:
+            log.warning("%s", note)
+        return asyncio.run(serve(settings))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +14,9 @@ from .errors import ConfigError
 LOG_FORMATS = ("text", "json")
 CHANNELS = ("direct", "jupyter")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# Environment variables that hold secrets: never passed on to kernels.
+SECRET_ENV = frozenset({"KGPOOL_AUTH_TOKEN", "KG_AUTH_TOKEN"})
+_BASE_URL = re.compile(r"(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)*/?\Z")
 
 
 def _csv(value: str) -> frozenset[str]:
@@ -30,12 +36,33 @@ class Settings:
         "notebooks each is served under /<its name> unless given a prefix", positional=True,
         env="KGPOOL_NOTEBOOK")
     kernels: int = _opt(1, "number of warm kernels in each notebook's pool")
+    ready_kernels: int = _opt(
+        0, "at start-up, /readyz turns 200 (and requests start being served) once this many "
+        "kernels of each pool are warm; 0 means all of them")
     kernels_for: str = _opt("", "per-notebook kernel counts, NAME=N[,NAME=N...]")
-    host: str = _opt("127.0.0.1", "address to listen on")
+    host: str = _opt("127.0.0.1", "address to listen on; * (or 0.0.0.0) for every interface")
     port: int = _opt(8888, "TCP port to listen on")
     kernel_name: str = _opt(
         "", "kernel spec to start (default: the notebook's kernelspec, else python3)"
     )
+    strict: bool = _opt(
+        False, "refuse notebooks with doubtful cells (an annotation that almost parses, a path "
+        "with spaces, two spellings of one route) instead of serving them with a warning")
+    comment_prefix: str = _opt(
+        "", "extra annotation comment prefixes by notebook language, LANG=PREFIX[,...] "
+        "(Kernel Gateway's comment_prefix), e.g. python=##")
+    base_url: str = _opt(
+        "/", "serve everything (endpoints, index, /healthz, /readyz, /metrics, specs) under "
+        "this path prefix, e.g. /v1 behind a proxy")
+    static_path: str = _opt(
+        "", "serve the files of this folder under /public/ (Kernel Gateway's static_path)")
+    allow_notebook_download: bool = _opt(
+        False, "serve each notebook's .ipynb file at /_api/source (behind the token, if set)")
+    trust_xheaders: bool = _opt(
+        False, "behind a proxy: log the client address from X-Forwarded-For / X-Real-IP")
+    certfile: str = _opt("", "TLS: certificate file (PEM); serve HTTPS")
+    keyfile: str = _opt("", "TLS: private key file (PEM), if not in the certificate file")
+    client_ca: str = _opt("", "TLS: require client certificates signed by this CA file")
     timeout: float = _opt(
         30.0, "deadline per request in seconds, queue wait included (0 disables)"
     )
@@ -81,6 +108,9 @@ class Settings:
                         "pool is warmed and swapped in; a broken version is refused")
     log_format: str = _opt("text", "log line format: text or json", choices=LOG_FORMATS)
     log_level: str = _opt("info", "log level", choices=LOG_LEVELS)
+    kernel_env: Mapping[str, str] = field(
+        default_factory=lambda: dict(os.environ), compare=False,
+        metadata={"cli": False, "help": "environment the kernels start with (secrets removed)"})
 
     def __post_init__(self) -> None:
         if self.kernels < 1:
@@ -104,6 +134,32 @@ class Settings:
             raise ConfigError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
+        if self.ready_kernels < 0:
+            raise ConfigError(f"--ready-kernels must not be negative, not {self.ready_kernels}")
+        if not _BASE_URL.match(self.base_url) or not self.base_url.startswith("/"):
+            raise ConfigError(f"--base-url must be a path such as /v1, not {self.base_url!r}")
+        if self.keyfile and not self.certfile:
+            raise ConfigError("--keyfile needs --certfile")
+        if self.client_ca and not self.certfile:
+            raise ConfigError("--client-ca needs --certfile (client certificates need TLS)")
+        _ = self.comment_prefixes  # validates the syntax
+        env = {k: v for k, v in self.kernel_env.items() if k not in SECRET_ENV}
+        object.__setattr__(self, "kernel_env", env)
+
+    @property
+    def prefix(self) -> str:
+        """base_url without its trailing slash: "" at the root, else "/v1"."""
+        return self.base_url.rstrip("/")
+
+    @property
+    def comment_prefixes(self) -> dict[str, str]:
+        prefixes = {}
+        for item in _csv(self.comment_prefix):
+            language, eq, prefix = item.partition("=")
+            if not eq or not language.strip() or not prefix.strip():
+                raise ConfigError(f"--comment-prefix wants LANG=PREFIX, not {item!r}")
+            prefixes[language.strip().lower()] = prefix.strip()
+        return prefixes
 
     @property
     def origins(self) -> frozenset[str]:

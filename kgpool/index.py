@@ -10,7 +10,7 @@ _SCRIPT = """
 const statusBox = document.querySelector('[data-pool-status]');
 async function refresh() {
   try {
-    const r = await fetch('readyz', {cache: 'no-store'});
+    const r = await fetch('_kgpool/readyz', {cache: 'no-store'});
     const s = await r.json();
     const k = s.kernels;
     statusBox.textContent = `${s.status}: ${k.idle} idle, ${k.busy} busy, ` +
@@ -52,6 +52,7 @@ section.ep{border:1px solid #ccc;border-radius:6px;padding:.6rem .9rem;margin:.7
 code.m{font-weight:bold;margin-right:.5rem} pre{background:#f5f5f5;padding:.5rem;
 white-space:pre-wrap;max-height:20rem;overflow:auto} input,textarea{margin:.2rem .4rem .2rem 0}
 textarea{width:100%;height:4rem} .status{padding:.4rem .7rem;background:#eef;border-radius:4px}
+.warnings{background:#fff4e5;border-left:4px solid #f0a030;padding:.4rem 1.6rem}
 """
 
 
@@ -62,6 +63,9 @@ def render_index(served: list[tuple[str, str, Notebook]]) -> str:
              "<h1>kgpool</h1><p class='status' data-pool-status>loading pool status…</p>"]
     for name, prefix, notebook in served:
         parts.append(f"<h2>{escape(name)} <small>{escape(prefix or '/')}</small></h2>")
+        if notebook.warnings:
+            parts.append("<ul class='warnings' data-warnings>" + "".join(
+                f"<li>{escape(w)}</li>" for w in notebook.warnings) + "</ul>")
         for ep in notebook.endpoints:
             full = prefix + ep.path
             label = escape(f"{ep.method} {full}", quote=True)

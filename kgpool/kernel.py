@@ -30,13 +30,15 @@ class Kernel:
 
     def __init__(self, kernel_name: str, *, context: zmq.asyncio.Context,
                  label: str = "kernel", on_death: Callable[[Kernel], None] | None = None,
-                 cwd: str | None = None, ipc_dir: str | None = None) -> None:
+                 cwd: str | None = None, ipc_dir: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.kernel_name = kernel_name
         self.label = label
         self._context = context
         self._on_death = on_death
         self._cwd = cwd
         self._ipc_dir = ipc_dir
+        self._env = env
         self._km: AsyncKernelManager | None = None
         self._wire: Wire | None = None
         self._shell: Any = None
@@ -61,7 +63,10 @@ class Kernel:
             self._km = AsyncKernelManager(kernel_name=self.kernel_name, context=self._context)
         self._km.shutdown_wait_time = SHUTDOWN_GRACE
         try:
-            await self._km.start_kernel(cwd=self._cwd)
+            if self._env is not None:
+                await self._km.start_kernel(cwd=self._cwd, env=self._env)
+            else:
+                await self._km.start_kernel(cwd=self._cwd)
         except Exception as exc:
             raise KernelError(f"cannot start kernel {self.kernel_name!r}: {exc}") from exc
         process = self._process()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 
 # Comment prefix by language_info.name; anything unlisted uses "#", as Kernel Gateway does.
 COMMENT_PREFIXES = {
@@ -12,6 +13,13 @@ COMMENT_PREFIXES = {
     "sql": "--", "haskell": "--", "lua": "--",
     "matlab": "%", "octave": "%", "prolog": "%", "erlang": "%",
 }
+
+
+def comment_prefixes(language: str, configured: Mapping[str, str]) -> tuple[str, ...]:
+    """Comment syntaxes an annotation may start with: the one configured for the language
+    (Kernel Gateway's comment_prefix), then the language's own."""
+    own = COMMENT_PREFIXES.get(language, "#")
+    return tuple(dict.fromkeys(p for p in (configured.get(language), own) if p))
 
 
 def bind_request(language: str, request: str) -> str:

@@ -7,34 +7,89 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
 
 from .config import Settings
 from .metrics import Metrics
-from .mounts import OPS_PATHS
+from .mounts import Mounts
 from .service import CallInfo
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("kgpool.access")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-# raw path -> (notebook name, route template) of the endpoint it would reach, if any
-RouteOf = Callable[[str], "tuple[str, str] | None"]
 CALL = web.RequestKey("call", CallInfo)
 ROUTE = web.RequestKey("route", str)
 NOTEBOOK = web.RequestKey("notebook", str)
 PROBES = frozenset({"/healthz", "/readyz"})
+STATIC_PREFIX = "/public/"
+
+
+@dataclass(frozen=True, slots=True)
+class Where:
+    """Where a request goes: its path below base_url (None outside it) and the kgpool path it
+    reaches (None for a notebook's)."""
+
+    rel: str | None
+    op: str | None
+
+    @property
+    def static(self) -> bool:
+        return self.rel is not None and self.rel.startswith(STATIC_PREFIX)
+
+
+WHERE = web.RequestKey("where", Where)
+
+
+class Locator:
+    """Decides, once per request, which paths are kgpool's and which a notebook's."""
+
+    def __init__(self, settings: Settings, mounts: Mounts) -> None:
+        self.base = settings.prefix
+        self.mounts = mounts
+
+    def __call__(self, request: web.Request) -> Where:
+        found = request.get(WHERE)
+        if found is None:
+            raw = request.rel_url.raw_path
+            rel: str | None = raw
+            if self.base:
+                rel = raw[len(self.base):] or "/" if raw == self.base or \
+                    raw.startswith(self.base + "/") else None
+            found = Where(rel, self.mounts.kgpool_path(rel) if rel is not None else None)
+            request[WHERE] = found
+        return found
 
 
 def error_response(status: int, error: str, message: str,
-                   headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": error, "message": message}, status=status,
-                             headers=headers)
+                   headers: dict[str, str] | None = None, **extra: Any) -> web.Response:
+    """Every error kgpool writes: `error` and `message`, and Kernel Gateway's `reason`."""
+    return web.json_response({"error": error, "message": message,
+                              "reason": _reason(status), **extra},
+                             status=status, headers=headers)
 
 
-def access(metrics: Metrics) -> Any:
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
+def client_address(request: web.Request, trust_xheaders: bool) -> str:
+    """The client's address; behind a trusted proxy, the one it forwarded."""
+    if trust_xheaders:
+        forwarded = request.headers.get("X-Forwarded-For") or request.headers.get("X-Real-IP")
+        if forwarded:
+            return forwarded.split(",", 1)[0].strip()[:64]
+    return request.remote or ""
+
+
+def access(metrics: Metrics, locate: Locator, trust_xheaders: bool) -> Any:
     """One log line and one metrics sample per request; operational paths are not counted."""
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -43,8 +98,8 @@ def access(metrics: Metrics) -> Any:
         if not (0 < len(request_id) <= 128 and request_id.isascii() and request_id.isprintable()):
             request_id = uuid.uuid4().hex  # none given, or nothing fit for logs and headers
         request[CALL] = info = CallInfo()
-        ops = request.path in OPS_PATHS
-        if not ops:
+        op = locate(request).op
+        if op is None:
             metrics.in_flight.inc()
         status = 500
         try:
@@ -52,18 +107,19 @@ def access(metrics: Metrics) -> Any:
             status = response.status
         finally:
             elapsed = time.monotonic() - started
-            route = request.get(ROUTE, request.path if ops else "unmatched")
-            if not ops:
+            route = op or request.get(ROUTE, "unmatched")
+            if op is None:
                 metrics.in_flight.dec()
                 metrics.answered(request.get(NOTEBOOK, ""), route, request.method, status,
                                  elapsed)
+            remote = client_address(request, trust_xheaders)
             access_log.log(
-                logging.DEBUG if ops else logging.INFO,  # probes and scrapes would drown it
-                "%s %s %d %.1fms route=%s queue=%.1fms slot=%s id=%s", request.method,
-                request.path, status, elapsed * 1000, route, info.queue_wait * 1000,
-                info.slot, request_id,
+                logging.DEBUG if op else logging.INFO,  # probes and scrapes would drown it
+                "%s %s %d %.1fms route=%s queue=%.1fms slot=%s remote=%s id=%s",
+                request.method, request.path, status, elapsed * 1000, route,
+                info.queue_wait * 1000, info.slot, remote, request_id,
                 extra={"request_id": request_id, "method": request.method, "route": route,
-                       "notebook": request.get(NOTEBOOK, ""),
+                       "notebook": request.get(NOTEBOOK, ""), "remote": remote,
                        "status": status, "duration_ms": round(elapsed * 1000, 3),
                        "queue_wait_ms": round(info.queue_wait * 1000, 3),
                        "kernel_slot": info.slot, "kernel_pid": info.kernel_pid})
@@ -90,17 +146,21 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
                               "log has the details")
 
 
-def auth(settings: Settings) -> Any:
-    """Bearer (or Kernel Gateway's `token`) authentication; probes stay open."""
+def auth(settings: Settings, locate: Locator) -> Any:
+    """Bearer (or Kernel Gateway's `token` scheme or `?token=`) authentication; probes and
+    /public stay open."""
     token = settings.auth_token.encode()
-    open_paths = PROBES if settings.metrics_auth else PROBES | {"/metrics"}
+    open_ops = PROBES if settings.metrics_auth else PROBES | {"/metrics"}
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in open_paths:
+        where = locate(request)
+        if where.op in open_ops or (where.static and settings.static_path):
             return await handler(request)
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() not in ("bearer", "token") or \
+        if scheme.lower() not in ("bearer", "token"):
+            given = request.query.get("token", "")  # Kernel Gateway's clients may send ?token=
+        if not given or \
                 not hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), token):
             return error_response(401, "unauthorized", "a valid token is required: "
                                   "Authorization: Bearer <token>",
@@ -109,7 +169,7 @@ def auth(settings: Settings) -> Any:
     return middleware
 
 
-def cors(settings: Settings, route_of: RouteOf) -> Any:
+def cors(settings: Settings, mounts: Mounts, locate: Locator) -> Any:
     """CORS for the configured origins; preflights are answered here, without a kernel."""
     origins = settings.origins
     allow_all = "*" in origins
@@ -140,7 +200,8 @@ def cors(settings: Settings, route_of: RouteOf) -> Any:
         return response
 
     def preflight(request: web.Request, origin: str) -> web.StreamResponse:
-        found = route_of(request.rel_url.raw_path)
+        rel = locate(request).rel
+        found = mounts.route_of(rel) if rel is not None else None
         if found is not None:
             request[NOTEBOOK], request[ROUTE] = found
         if not allowed(origin):
@@ -154,11 +215,12 @@ def cors(settings: Settings, route_of: RouteOf) -> Any:
     return middleware
 
 
-def middlewares(settings: Settings, metrics: Metrics, route_of: RouteOf) -> list[Any]:
-    stack = [access(metrics)]
+def middlewares(settings: Settings, metrics: Metrics, mounts: Mounts) -> list[Any]:
+    locate = Locator(settings, mounts)
+    stack = [access(metrics, locate, settings.trust_xheaders)]
     if settings.origins:
-        stack.append(cors(settings, route_of))
+        stack.append(cors(settings, mounts, locate))
     stack.append(json_errors)
     if settings.auth_token:
-        stack.append(auth(settings))
+        stack.append(auth(settings, locate))
     return stack

@@ -21,9 +21,12 @@ from .service import NotebookService
 
 log = logging.getLogger(__name__)
 
-# kgpool's own paths: served before any notebook route, never counted as API traffic
+# kgpool's own paths: served before any notebook route but one at the same literal path (a
+# Kernel Gateway notebook may define `# GET /healthz`), never counted as API traffic. They are
+# always reachable under KGPOOL_PREFIX too.
 OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/_api/spec/swagger.json",
                        "/_api/spec/openapi.json"})
+KGPOOL_PREFIX = "/_kgpool"
 _PREFIX = re.compile(r"(/[A-Za-z0-9._~-]+)+\Z")
 
 
@@ -100,11 +103,15 @@ class Mount:
         self.name, self.prefix = spec.name, spec.prefix
         self._settings = settings
         self._metrics = metrics.for_notebook(spec.name)
-        self.active = self._activate(load_notebook(spec.path))
+        self.active = self._activate(self._load())
         self.retiring: list[NotebookService] = []
         self.reload_error: str | None = None
         self._stamp = _stamp(spec.path)
         self._lock = asyncio.Lock()
+
+    def _load(self) -> Notebook:
+        return load_notebook(self.spec.path, strict=self._settings.strict,
+                             prefixes=self._settings.comment_prefixes)
 
     def _activate(self, notebook: Notebook) -> Active:
         service = NotebookService(notebook, self._settings, self._metrics, path=self.spec.path,
@@ -122,7 +129,7 @@ class Mount:
         async with self._lock:
             self._stamp = _stamp(self.spec.path)
             try:
-                notebook = load_notebook(self.spec.path)
+                notebook = self._load()
                 clashes(self, notebook)
                 fresh = self._activate(notebook)
             except KgpoolError as exc:
@@ -181,12 +188,16 @@ class Mounts:
 
     def check_clashes(self, mount: Mount, notebook: Notebook) -> None:
         """ConfigError if a route of `notebook` under mount.prefix has the same shape as
-        another notebook's route, or is one of kgpool's own paths."""
+        another notebook's route. A route at one of kgpool's own paths takes it (with a
+        warning; an error with --strict): kgpool's stays under /_kgpool."""
         mine = {_shape(mount.prefix + ep.path): ep.path for ep in notebook.endpoints}
-        for path in OPS_PATHS:
+        for path in sorted(OPS_PATHS):
             if _shape(path) in mine:
-                raise ConfigError(f"{mount.name}: {mine[_shape(path)]} is {path}, which kgpool "
-                                  "serves itself")
+                message = (f"{mount.name}: its endpoint {mine[_shape(path)]} takes {path}; "
+                           f"kgpool's own {path} stays at {KGPOOL_PREFIX}{path}")
+                if self._settings.strict:
+                    raise ConfigError(message + " (refused: --strict)")
+                log.warning("%s", message)
         for other in self.all:
             if other is mount:
                 continue
@@ -205,6 +216,23 @@ class Mounts:
             found = active.router.match(raw_path[len(mount.prefix):] or "/")
             if found is not None:
                 return mount, active, found[0], found[1]
+        return None
+
+    def has_fixed(self, raw_path: str) -> bool:
+        """Some notebook has a route without parameters at exactly this path."""
+        for mount in self._by_prefix:
+            if raw_path == mount.prefix or raw_path.startswith(mount.prefix + "/"):
+                if mount.active.router.has_fixed(raw_path[len(mount.prefix):] or "/"):
+                    return True
+        return False
+
+    def kgpool_path(self, raw_path: str) -> str | None:
+        """Which of kgpool's own paths (OPS_PATHS) a path below base_url reaches, if any."""
+        if raw_path.startswith(KGPOOL_PREFIX + "/"):
+            path = raw_path[len(KGPOOL_PREFIX):]
+            return path if path in OPS_PATHS else None
+        if raw_path in OPS_PATHS and not self.has_fixed(raw_path):
+            return raw_path
         return None
 
     def route_of(self, raw_path: str) -> tuple[str, str] | None:

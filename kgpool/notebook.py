@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import nbformat
 
 from .errors import NotebookError
-from .languages import COMMENT_PREFIXES
+from .languages import comment_prefixes
 
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
-
-_PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# Words that make a comment look like an annotation that went wrong (any case).
+_VERBS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 
 
 @dataclass(frozen=True)
@@ -24,8 +25,18 @@ class Cell:
     source: str
 
     @property
+    def number(self) -> int:
+        """The cell's number as a notebook user counts it: from 1, markdown cells included."""
+        return self.index + 1
+
+    @property
     def first_line(self) -> str:
         return self.source.strip().splitlines()[0] if self.source.strip() else ""
+
+    @property
+    def name(self) -> str:
+        """How messages name the cell: `cell 3 ('# GET /x')`."""
+        return f"cell {self.number} ({self.first_line[:60]!r})"
 
 
 @dataclass(frozen=True)
@@ -35,7 +46,7 @@ class Endpoint:
     method: str
     path: str
     source: str
-    cells: tuple[int, ...]
+    cells: tuple[int, ...]  # cell numbers, counted from 1
     response_source: str | None = None
     response_cells: tuple[int, ...] = ()
 
@@ -51,20 +62,28 @@ class Notebook:
     kernel_name: str
     init_cells: tuple[Cell, ...]
     endpoints: tuple[Endpoint, ...]  # notebook order
-    warnings: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()  # doubts about cells; errors under --strict
+    raw: bytes = field(default=b"", repr=False, compare=False)  # the file, as read
 
 
-def load_notebook(path: Path | str) -> Notebook:
+def load_notebook(path: Path | str, *, strict: bool = False,
+                  prefixes: Mapping[str, str] | None = None) -> Notebook:
     """Read and parse an .ipynb file; NotebookError says why it cannot be served."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise NotebookError(f"cannot read notebook {path}: {exc}") from exc
-    return parse_notebook(text, name=path.stem)
+    notebook = parse_notebook(text, name=path.stem, strict=strict, prefixes=prefixes)
+    return dataclasses.replace(notebook, raw=raw)
 
 
-def parse_notebook(text: str, name: str = "notebook") -> Notebook:
+def parse_notebook(text: str, name: str = "notebook", *, strict: bool = False,
+                   prefixes: Mapping[str, str] | None = None) -> Notebook:
+    """Endpoints and init cells by Kernel Gateway's grammar. Cells it would treat as init cells
+    although they look like annotations are init cells here too, with a warning (an error with
+    `strict`). `prefixes` adds comment prefixes by language, as Kernel Gateway's comment_prefix."""
     try:
         nb = nbformat.reads(text, as_version=4)
     except Exception as exc:  # nbformat raises several unrelated types for bad input
@@ -72,10 +91,11 @@ def parse_notebook(text: str, name: str = "notebook") -> Notebook:
     metadata = nb.get("metadata", {})
     language = str((metadata.get("language_info") or {}).get("name")
                    or (metadata.get("kernelspec") or {}).get("language") or "python").lower()
-    kernel_name = str((metadata.get("kernelspec") or {}).get("name") or "python3")
-    prefix = COMMENT_PREFIXES.get(language, "#")
+    kernel_name = str((metadata.get("kernelspec") or {}).get("name") or "")
+    comments = comment_prefixes(language, prefixes or {})
     code_cells = [Cell(i, _source(c)) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
-    return _build(name, language, kernel_name, prefix, code_cells)
+    grammar = _Grammar(comments, strict)
+    return grammar.build(name, language, kernel_name, code_cells)
 
 
 def _source(cell: Mapping[str, Any]) -> str:
@@ -83,70 +103,86 @@ def _source(cell: Mapping[str, Any]) -> str:
     return "".join(source) if isinstance(source, list) else str(source)
 
 
-def _annotation_patterns(prefix: str) -> tuple[re.Pattern[str], re.Pattern[str]]:
-    p = re.escape(prefix)
-    strict = re.compile(rf"{p}[ \t]+(ResponseInfo[ \t]+)?({'|'.join(METHODS)})[ \t]+(/.*)")
-    loose = re.compile(rf"{p}[ \t]*(ResponseInfo[ \t]*)?[A-Za-z]+[ \t]+/", re.IGNORECASE)
-    return strict, loose
+class _Grammar:
+    """Kernel Gateway's annotation regex (`PREFIX\\s+VERB\\s+/path`, matched at the cell's first
+    character), plus kgpool's PATCH, and a looser pattern that finds the near misses."""
 
+    def __init__(self, prefixes: tuple[str, ...], strict: bool) -> None:
+        alt = "|".join(re.escape(p) for p in sorted(prefixes, key=len, reverse=True))
+        self.prefix = prefixes[0]
+        self.endpoint = re.compile(
+            rf"(?:{alt})\s+(ResponseInfo\s+)?({'|'.join(METHODS)})\s+(/.*)")
+        self.near = re.compile(rf"(?:{alt})\s*(?:ResponseInfo\s*)?(?:{'|'.join(_VERBS)})\s*/",
+                               re.IGNORECASE)
+        self.strict = strict
+        self.warnings: list[str] = []
 
-def _build(name: str, language: str, kernel_name: str, prefix: str,
-           cells: list[Cell]) -> Notebook:
-    strict, loose = _annotation_patterns(prefix)
-    init: list[Cell] = []
-    bodies: dict[tuple[str, str], list[Cell]] = {}
-    infos: dict[tuple[str, str], list[Cell]] = {}
-    for cell in cells:
-        first = cell.source.split("\n", 1)[0].rstrip()
-        match = strict.match(first)
-        if match is None:
-            if loose.match(cell.source.lstrip()):
-                raise NotebookError(
-                    f"cell {cell.index} ({cell.first_line!r}): looks like an endpoint annotation "
-                    f"but is not one; write '{prefix} METHOD /path' with METHOD one of "
-                    f"{', '.join(METHODS)} in capitals, on the cell's first line")
-            init.append(cell)
-            continue
-        is_info, method, path = bool(match.group(1)), match.group(2), match.group(3).strip()
-        _check_path(path, cell)
-        (infos if is_info else bodies).setdefault((method, path), []).append(cell)
-    warnings = [f"ResponseInfo cell(s) {[c.index for c in group]} for {m} {p} have no endpoint"
-                for (m, p), group in infos.items() if (m, p) not in bodies]
-    if not bodies:
-        raise NotebookError(
-            f"{name} has no endpoint: no code cell starts with '{prefix} METHOD /path' "
-            f"(METHOD one of {', '.join(METHODS)})")
-    endpoints = tuple(
-        Endpoint(method=m, path=p, source="\n".join(c.source for c in group),
-                 cells=tuple(c.index for c in group),
-                 response_source=("\n".join(c.source for c in infos[m, p])
-                                  if (m, p) in infos else None),
-                 response_cells=tuple(c.index for c in infos.get((m, p), ())))
-        for (m, p), group in bodies.items())
-    _check_shapes(endpoints)
-    return Notebook(name, language, kernel_name, tuple(init), endpoints, tuple(warnings))
+    def doubt(self, message: str) -> None:
+        """A cell Kernel Gateway serves but that is probably not what its author meant."""
+        if self.strict:
+            raise NotebookError(message + " (refused: --strict)")
+        self.warnings.append(message)
 
-
-def _check_path(path: str, cell: Cell) -> None:
-    if any(ch.isspace() for ch in path):
-        raise NotebookError(f"cell {cell.index} ({cell.first_line!r}): a path may not contain "
-                            "spaces")
-    for _, param in split_path(path):
-        if param is not None and not _PARAM_NAME.match(param):
+    def build(self, name: str, language: str, kernel_name: str, cells: list[Cell]) -> Notebook:
+        init: list[Cell] = []
+        bodies: dict[tuple[str, str], list[Cell]] = {}
+        infos: dict[tuple[str, str], list[Cell]] = {}
+        for cell in cells:
+            match = self.endpoint.match(cell.source)
+            if match is None:
+                if self.near.match(cell.source.lstrip()):
+                    self.doubt(
+                        f"{cell.name} looks like an endpoint annotation but is not one, so it "
+                        f"runs as an init cell at warm-up (as in Kernel Gateway); for an "
+                        f"endpoint write '{self.prefix} METHOD /path' on the first line, METHOD "
+                        f"one of {', '.join(METHODS)} in capitals")
+                init.append(cell)
+                continue
+            is_info, method, path = bool(match.group(1)), match.group(2), match.group(3).strip()
+            self.check_path(path, cell)
+            (infos if is_info else bodies).setdefault((method, path), []).append(cell)
+        for (method, path), group in infos.items():
+            if (method, path) not in bodies:
+                self.doubt(f"ResponseInfo {', '.join(c.name for c in group)} for {method} "
+                           f"{path}: no endpoint has that method and path, so it never runs")
+        if not bodies:
             raise NotebookError(
-                f"cell {cell.index} ({cell.first_line!r}): ':{param}' is not a valid parameter "
-                "name (letters, digits and _, not starting with a digit; one per path segment)")
+                f"{name} has no endpoint: no code cell starts with '{self.prefix} METHOD /path' "
+                f"(METHOD one of {', '.join(METHODS)})" + "".join(
+                    f"; {warning}" for warning in self.warnings))
+        endpoints = tuple(
+            Endpoint(method=m, path=p, source="\n".join(c.source for c in group),
+                     cells=tuple(c.number for c in group),
+                     response_source=("\n".join(c.source for c in infos[m, p])
+                                      if (m, p) in infos else None),
+                     response_cells=tuple(c.number for c in infos.get((m, p), ())))
+            for (m, p), group in bodies.items())
+        self.check_shapes(endpoints)
+        return Notebook(name, language, kernel_name, tuple(init), endpoints,
+                        tuple(self.warnings))
 
+    def check_path(self, path: str, cell: Cell) -> None:
+        if any(ch.isspace() for ch in path):
+            self.doubt(f"{cell.name}: the path {path!r} contains whitespace; Kernel Gateway "
+                       "registers it but no request can reach it; kgpool matches it literally "
+                       "(a client sends the spaces as %20)")
+        for _, param in split_path(path):
+            if param is not None and not param.isidentifier():
+                raise NotebookError(
+                    f"{cell.name}: ':{param}' is not a valid parameter name (letters, digits "
+                    "and _, not starting with a digit; one per path segment)")
 
-def _check_shapes(endpoints: tuple[Endpoint, ...]) -> None:
-    """Two spellings of one route shape (`/u/:id` and `/u/:name`) would make 405s ambiguous."""
-    seen: dict[tuple[Any, ...], str] = {}
-    for ep in endpoints:
-        shape = tuple((lit, param is not None) for lit, param in split_path(ep.path))
-        other = seen.setdefault(shape, ep.path)
-        if other != ep.path:
-            raise NotebookError(f"paths {other} and {ep.path} match the same URLs; use one "
-                                "spelling")
+    def check_shapes(self, endpoints: tuple[Endpoint, ...]) -> None:
+        """Two spellings of one route shape (`/u/:id`, `/u/:name`): the first in the notebook
+        takes every such URL, so the other's methods answer 405, as in Kernel Gateway."""
+        seen: dict[tuple[Any, ...], str] = {}
+        for ep in endpoints:
+            shape = tuple((lit, param is not None) for lit, param in split_path(ep.path))
+            other = seen.setdefault(shape, ep.path)
+            if other != ep.path:
+                self.doubt(f"paths {other} and {ep.path} match the same URLs: every request "
+                           f"goes to {other} (the first in the notebook, as in Kernel Gateway), "
+                           f"so the cells of {ep.method} {ep.path} never run; use one spelling")
 
 
 def split_path(path: str) -> list[tuple[str, str | None]]:
@@ -155,5 +191,8 @@ def split_path(path: str) -> list[tuple[str, str | None]]:
     parts: list[tuple[str, str | None]] = []
     for segment in path.split("/"):
         literal, colon, param = segment.partition(":")
-        parts.append((literal, param if colon else None))
+        if colon and not any(ch.isspace() for ch in segment):
+            parts.append((literal, param))
+        else:  # a segment with whitespace is matched literally (Kernel Gateway: unreachable)
+            parts.append((segment, None))
     return parts

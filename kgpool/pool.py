@@ -62,9 +62,12 @@ class PoolStatus:
 class KernelPool:
     def __init__(self, factory: KernelFactory, size: int, *, max_queue: int,
                  max_requests: int = 0, max_requests_jitter: int = 0,
-                 listener: PoolListener | None = None) -> None:
+                 ready_size: int = 0, listener: PoolListener | None = None) -> None:
         self._factory = factory
         self.size = size
+        # At start-up the pool opens (hands out kernels, says ready) once this many are warm,
+        # so that the first requests spread over all of them, as Kernel Gateway's do.
+        self.ready_size = min(ready_size or size, size)
         self.max_queue = max_queue
         self._max_requests = max_requests
         self._jitter = max_requests_jitter
@@ -79,7 +82,8 @@ class KernelPool:
         self._stopping = 0  # kernels being shut down
         self._draining = False
         self._closed = False
-        self._started = False
+        self._started = False  # every slot got its first warm-up
+        self._opened = False  # ready_size kernels were warm once: kernels are handed out
         self._idle_event = asyncio.Event()
 
     # ----- state -------------------------------------------------------------------------
@@ -91,8 +95,9 @@ class KernelPool:
 
     @property
     def ready(self) -> bool:
-        """At least one warm kernel and not draining: worth sending traffic to."""
-        return not (self._draining or self._closed) and bool(self._idle or self._busy)
+        """Opened, at least one warm kernel and not draining: worth sending traffic to."""
+        return self._opened and not (self._draining or self._closed) and \
+            bool(self._idle or self._busy)
 
     # ----- start and stop ----------------------------------------------------------------
 
@@ -153,7 +158,7 @@ class KernelPool:
         """An idle kernel, or wait for one in FIFO order until the loop-time deadline."""
         if self._draining or self._closed:
             raise PoolClosed("kgpool is shutting down")
-        if self._idle and not self._waiters:
+        if self._idle and not self._waiters and self._opened:
             self._listener.queue_waited(0.0)
             return self._lend(self._idle.popleft())
         if self._started and not self._idle and not self._busy and self._failing:
@@ -207,8 +212,15 @@ class KernelPool:
         self._notify_if_quiet()
 
     def _hand_out(self, lease: Lease) -> None:
+        """An idle kernel goes to the longest waiter, else to the back of the idle queue:
+        handing out from the front spreads requests over every kernel in turn."""
         if self._closed:
             self._stop(lease)
+            return
+        if not self._opened:
+            self._idle.append(lease)
+            if len(self._idle) + len(self._busy) >= self.ready_size:
+                self._open()
             return
         while self._waiters:
             waiter = self._waiters.popleft()
@@ -216,6 +228,13 @@ class KernelPool:
                 waiter.set_result(lease)
                 return
         self._idle.append(lease)
+
+    def _open(self) -> None:
+        self._opened = True
+        while self._waiters and self._idle:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(self._idle.popleft())
 
     def _notify_if_quiet(self) -> None:
         if not self._busy and not self._waiters:

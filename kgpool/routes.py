@@ -57,6 +57,10 @@ class Router:
         self._fixed = {r.path: r for r in ordered if not any(p for _, p in r._segments)}
         self._dynamic = tuple(r for r in ordered if r.path not in self._fixed)
 
+    def has_fixed(self, raw_path: str) -> bool:
+        """A route without parameters is exactly this path."""
+        return raw_path in self._fixed
+
     def match(self, raw_path: str) -> tuple[Route, dict[str, str]] | None:
         segments = [unquote(s, errors="strict") if "%" in s else s for s in raw_path.split("/")]
         fixed = self._fixed.get("/".join(segments))

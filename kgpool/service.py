@@ -80,7 +80,9 @@ class NotebookService:
         self.notebook = notebook
         self.settings = settings
         self.metrics = metrics
-        self.kernel_name = settings.kernel_name or notebook.kernel_name
+        self.kernel_name = settings.kernel_name or notebook.kernel_name or "python3"
+        # Kernel Gateway's notebooks tell "served" from "run by hand" by KERNEL_GATEWAY=1.
+        self._env = {**settings.kernel_env, "KERNEL_GATEWAY": "1"}
         self._cwd = str(path.resolve().parent) if path is not None else None
         self._context = zmq.asyncio.Context()
         self._ipc_dir = tempfile.mkdtemp(prefix="kgpool-")
@@ -88,7 +90,7 @@ class NotebookService:
                                max_queue=settings.max_queue,
                                max_requests=settings.max_requests,
                                max_requests_jitter=settings.max_requests_jitter,
-                               listener=metrics)
+                               ready_size=settings.ready_kernels, listener=metrics)
         self._index = {ep: i for i, ep in enumerate(notebook.endpoints)}
         self._direct: weakref.WeakKeyDictionary[Kernel, DirectChannel] = \
             weakref.WeakKeyDictionary()
@@ -129,7 +131,8 @@ class NotebookService:
 
     async def _make_kernel(self, slot: int, on_death: Any) -> Kernel:
         kernel = Kernel(self.kernel_name, context=self._context, label=f"slot {slot}",
-                        on_death=on_death, cwd=self._cwd, ipc_dir=self._ipc_dir)
+                        on_death=on_death, cwd=self._cwd, ipc_dir=self._ipc_dir,
+                        env=self._env)
         cell = None
         try:
             async with asyncio.timeout(self.settings.init_timeout):
@@ -142,14 +145,14 @@ class NotebookService:
                     result = await kernel.execute(cell.source)
                     if result.error is not None:
                         raise InitError(
-                            f"init cell {cell.index} ({cell.first_line!r}) raised "
+                            f"init {cell.name} raised "
                             f"{result.error.get('ename')}: {result.error.get('evalue')}")
                 self.metrics.kernel_warmed(booted - started, time.monotonic() - booted)
                 cell = None
                 await self._open_direct(kernel)
         except BaseException as exc:
             await kernel.shutdown()
-            where = f" in init cell {cell.index} ({cell.first_line!r})" if cell else ""
+            where = f" in init {cell.name}" if cell else ""
             if isinstance(exc, TimeoutError):
                 raise InitError(
                     f"kernel not warm after {self.settings.init_timeout:g}s{where}") from None

@@ -23,7 +23,7 @@ _ERROR_SCHEMA = {"type": "object", "required": ["error", "message"],
                  "properties": {"error": {"type": "string"}, "message": {"type": "string"}}}
 
 
-def openapi(served: list[tuple[str, Notebook]]) -> dict[str, Any]:
+def openapi(served: list[tuple[str, Notebook]], base: str = "") -> dict[str, Any]:
     """An OpenAPI 3 document for the notebooks' endpoints and kgpool's operational paths."""
     error = {"content": {"application/json": {"schema": _ERROR_SCHEMA}}}
     paths: dict[str, dict[str, Any]] = {}
@@ -59,4 +59,4 @@ def openapi(served: list[tuple[str, Notebook]]) -> dict[str, Any]:
     return {"openapi": "3.0.3",
             "info": {"title": served[0][1].name if len(served) == 1 else "kgpool",
                      "version": "0.0.0", "description": f"Endpoints of {names}, served by kgpool"},
-            "paths": paths}
+            "servers": [{"url": base or "/"}], "paths": paths}

@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from .config import Settings
 from .errors import (
+    ConfigError,
     ExecutionError,
     ExecutionTimeout,
     KernelDied,
@@ -24,7 +26,16 @@ from .errors import (
 )
 from .index import render_index
 from .metrics import Metrics
-from .middleware import CALL, NOTEBOOK, ROUTE, error_response, middlewares
+from .middleware import (
+    CALL,
+    NOTEBOOK,
+    ROUTE,
+    STATIC_PREFIX,
+    Handler,
+    Locator,
+    error_response,
+    middlewares,
+)
 from .mounts import Mounts, mount_specs
 from .notebook import Notebook
 from .requests import RequestData
@@ -34,6 +45,7 @@ log = logging.getLogger(__name__)
 
 MOUNTS = web.AppKey("mounts", Mounts)
 RETRY_AFTER = "1"
+SOURCE_PATH = "/_api/source"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -64,22 +76,20 @@ def describe(exc: BaseException) -> tuple[int, str, str, dict[str, str]]:
 
 
 class NotebookHandler:
-    """Routes every non-operational path to the endpoint of the notebook mounted there."""
+    """Every path that is not kgpool's own goes to the endpoint of the notebook mounted there."""
 
     def __init__(self, mounts: Mounts, settings: Settings) -> None:
         self.mounts = mounts
         self.max_body = settings.max_body_size
-        self.hide_authorization = bool(settings.auth_token)
+        self.hide_token = bool(settings.auth_token)  # the token is kgpool's, not the notebook's
         self.expose_traceback = settings.expose_traceback
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request, raw_path: str) -> web.StreamResponse:
         try:
-            found = self.mounts.match(request.rel_url.raw_path)
+            found = self.mounts.match(raw_path)
         except UnicodeDecodeError:
             return error_response(400, "bad_path", "the path is not valid percent-encoded UTF-8")
         if found is None:
-            if request.path == "/" and request.method == "GET":
-                return index_page(self.mounts)
             request[ROUTE] = "unmatched"
             return error_response(404, "not_found", f"no endpoint at {request.path}")
         mount, active, route, params = found
@@ -93,16 +103,15 @@ class NotebookHandler:
         if (request.content_length or 0) > self.max_body:
             return error_response(413, "payload_too_large",
                                   f"the body is larger than {self.max_body} bytes")
-        seen = [(k, v) for k, v in request.headers.items()
-                if not (self.hide_authorization and k.lower() == "authorization")]
-        # (with a token configured, the Authorization header is kgpool's, not the notebook's)
+        query = parse_qsl(request.rel_url.raw_query_string, keep_blank_values=True,
+                          errors="surrogateescape")
         data = RequestData(
             body=await request.read(),  # all of it, before a kernel is leased
             content_type=request.headers.get("Content-Type", ""),
-            query=tuple(parse_qsl(request.rel_url.raw_query_string, keep_blank_values=True,
-                                  errors="surrogateescape")),
+            query=tuple((k, v) for k, v in query if not (self.hide_token and k == "token")),
             params=params,
-            headers=tuple(seen))
+            headers=tuple((k, v) for k, v in request.headers.items()
+                          if not (self.hide_token and k.lower() == "authorization")))
         try:
             reply = await active.service.call(endpoint, data, request[CALL])
         except Exception as exc:
@@ -110,8 +119,8 @@ class NotebookHandler:
             if error in REJECTIONS:
                 active.service.metrics.rejected_request(error)
             if self.expose_traceback and isinstance(exc, ExecutionError):
-                return web.json_response({"error": error, "message": message, "traceback": [
-                    _ANSI.sub("", line) for line in exc.traceback]}, status=500)
+                return error_response(500, error, message, traceback=[
+                    _ANSI.sub("", line) for line in exc.traceback])
             return error_response(status, error, message, headers)
         return web.Response(status=reply.status, headers=reply.headers, body=reply.body)
 
@@ -119,9 +128,10 @@ class NotebookHandler:
 class OpsHandlers:
     """Health, readiness, metrics and specs: never queued behind kernels."""
 
-    def __init__(self, mounts: Mounts, registry: CollectorRegistry) -> None:
+    def __init__(self, mounts: Mounts, registry: CollectorRegistry, base: str) -> None:
         self.mounts = mounts
         self.registry = registry
+        self.base = base
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -157,7 +167,62 @@ class OpsHandlers:
         return web.json_response(swagger(self._served()))
 
     async def openapi(self, request: web.Request) -> web.Response:
-        return web.json_response(openapi(self._served()))
+        return web.json_response(openapi(self._served(), self.base))
+
+
+class Site:
+    """The one route: kgpool's own paths (under base_url, and under /_kgpool when a notebook
+    takes one), /public files, notebook sources, the index page, and the notebooks."""
+
+    def __init__(self, settings: Settings, mounts: Mounts, registry: CollectorRegistry) -> None:
+        ops = OpsHandlers(mounts, registry, settings.prefix)
+        self.ops: dict[str, Handler] = {
+            "/healthz": ops.healthz, "/readyz": ops.readyz, "/metrics": ops.metrics,
+            "/_api/spec/swagger.json": ops.swagger, "/_api/spec/openapi.json": ops.openapi}
+        self.mounts = mounts
+        self.locate = Locator(settings, mounts)
+        self.notebooks = NotebookHandler(mounts, settings)
+        self.static = Path(settings.static_path).resolve() if settings.static_path else None
+        self.download = settings.allow_notebook_download
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        where = self.locate(request)
+        rel = where.rel
+        if rel is None:
+            request[ROUTE] = "unmatched"
+            return error_response(404, "not_found", f"no endpoint at {request.path}")
+        if where.op is not None:
+            if request.method not in ("GET", "HEAD"):
+                return error_response(405, "method_not_allowed", f"{request.method} is not "
+                                      f"defined for {where.op}; allowed: GET", {"Allow": "GET"})
+            return await self.ops[where.op](request)
+        if self.static is not None and where.static:
+            request[ROUTE] = "/public"
+            return static_file(self.static, rel[len(STATIC_PREFIX):])
+        if self.download and rel.endswith(SOURCE_PATH) and request.method in ("GET", "HEAD"):
+            mount = next((m for m in self.mounts.all if m.prefix + SOURCE_PATH == rel), None)
+            if mount is not None:
+                request[NOTEBOOK], request[ROUTE] = mount.name, SOURCE_PATH
+                return web.Response(body=mount.active.service.notebook.raw,
+                                    content_type="application/octet-stream")
+        if rel == "/" and request.method == "GET" and self.mounts.route_of("/") is None:
+            request[ROUTE] = "/"
+            return index_page(self.mounts)
+        return await self.notebooks.handle(request, rel)
+
+
+def static_file(root: Path, name: str) -> web.StreamResponse:
+    """A file under root (never outside it: no `..`, no symlink out); 403 for a folder."""
+    if "\0" in name:
+        raise web.HTTPNotFound()
+    target = (root / unquote(name)).resolve()
+    if target != root and root not in target.parents:
+        raise web.HTTPNotFound()
+    if target.is_dir():
+        raise web.HTTPForbidden()
+    if not target.is_file():
+        raise web.HTTPNotFound()
+    return web.FileResponse(target)
 
 
 def index_page(mounts: Mounts) -> web.Response:
@@ -172,16 +237,12 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     registry = registry if registry is not None else CollectorRegistry()
     metrics = Metrics(registry, timeout=settings.request_timeout)
     mounts = Mounts(mount_specs(settings), settings, metrics)
-    app = web.Application(middlewares=middlewares(settings, metrics, mounts.route_of),
+    if settings.static_path and not Path(settings.static_path).is_dir():
+        raise ConfigError(f"--static-path {settings.static_path}: not a folder")
+    app = web.Application(middlewares=middlewares(settings, metrics, mounts),
                           client_max_size=settings.max_body_size)
     app[MOUNTS] = mounts
-    ops = OpsHandlers(mounts, registry)
-    app.router.add_get("/healthz", ops.healthz)
-    app.router.add_get("/readyz", ops.readyz)
-    app.router.add_get("/metrics", ops.metrics)
-    app.router.add_get("/_api/spec/swagger.json", ops.swagger)
-    app.router.add_get("/_api/spec/openapi.json", ops.openapi)
-    app.router.add_route("*", "/{tail:.*}", NotebookHandler(mounts, settings).handle)
+    app.router.add_route("*", "/{tail:.*}", Site(settings, mounts, registry).handle)
 
     async def pools(app: web.Application) -> Any:
         mounts.begin()

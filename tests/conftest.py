@@ -81,8 +81,9 @@ class Server:
     """`python -m kgpool serve` in a subprocess on a free loopback port."""
 
     def __init__(self, notebook: Path | str | list[Path | str], *args: str,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, base: str = "") -> None:
         self.port = free_port()
+        self.base = base  # the --base-url the server was given, without its trailing /
         notebooks = notebook if isinstance(notebook, list) else [notebook]
         self.args = [sys.executable, "-m", "kgpool", "serve", *map(str, notebooks),
                      "--port", str(self.port), *args]
@@ -109,7 +110,7 @@ class Server:
                 self._logfile.close()
                 raise AssertionError(f"server exited {self.proc.returncode}: {log}")
             try:
-                ready = self.request("GET", "/readyz", timeout=2)
+                ready = self.request("GET", self.base + "/_kgpool/readyz", timeout=2)
                 # ready serves once one kernel is warm; tests start when all of them are
                 if ready.status == 200 and ready.json()["kernels"]["starting"] == 0:
                     self.kernels = kernel_children(self.proc.pid)

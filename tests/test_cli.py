@@ -45,7 +45,7 @@ def test_routes_lists_endpoints() -> None:
     out = run("routes", str(NOTEBOOKS / "kitchen.ipynb"))
     assert out.returncode == 0
     assert "GET     /hello/world" in out.stdout
-    assert "POST    /created" in out.stdout and "ResponseInfo cells [20]" in out.stdout
+    assert "POST    /created" in out.stdout and "ResponseInfo cells [21]" in out.stdout
     lines = out.stdout.splitlines()
     assert lines.index(next(x for x in lines if "/hello/world" in x)) < \
         lines.index(next(x for x in lines if "/hello/:name" in x))
@@ -53,7 +53,7 @@ def test_routes_lists_endpoints() -> None:
 
 @pytest.mark.parametrize("notebook,message", [
     ("no_endpoints.ipynb", "has no endpoint"),
-    ("bad_annotation.ipynb", "cell 0 ('# get /lowercase')"),
+    ("bad_annotation.ipynb", "cell 1 ('# get /lowercase') looks like an endpoint annotation"),
     ("missing.ipynb", "cannot read notebook"),
 ])
 def test_unusable_notebook_fails_fast(notebook: str, message: str) -> None:
@@ -69,7 +69,7 @@ def test_init_failure_stops_startup_and_leaves_no_kernel() -> None:
     code = server.proc.wait(60)
     log = server.output()
     assert code == 1
-    assert "init cell 1 ('x = 1')" in log and "ZeroDivisionError: division by zero" in log
+    assert "init cell 2 ('x = 1')" in log and "ZeroDivisionError: division by zero" in log
     assert wait_gone(kernel_children(server.proc.pid)) == []
     server.stop()
 

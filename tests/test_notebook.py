@@ -30,7 +30,8 @@ def nb_text(*cells: str, language: str = "python") -> str:
 def test_init_cells_and_endpoints_split() -> None:
     nb = parse_notebook(nb_text("import json", "MD:# GET /md", "# GET /a\nprint(1)", "x = 2"))
     assert [c.source for c in nb.init_cells] == ["import json", "x = 2"]
-    assert [(e.method, e.path, e.cells) for e in nb.endpoints] == [("GET", "/a", (2,))]
+    # cells are numbered as a notebook user counts them: from 1, markdown included
+    assert [(e.method, e.path, e.cells) for e in nb.endpoints] == [("GET", "/a", (3,))]
     assert nb.kernel_name == "python3" and nb.language == "python"
 
 
@@ -38,19 +39,22 @@ def test_same_annotation_joined_in_order() -> None:
     nb = parse_notebook(nb_text("# POST /x\na = 1", "y = 0", "# POST /x\nb = 2"))
     (ep,) = nb.endpoints
     assert ep.source == "# POST /x\na = 1\n# POST /x\nb = 2"
-    assert ep.cells == (0, 2)
+    assert ep.cells == (1, 3)
 
 
 def test_response_info_attached() -> None:
     nb = parse_notebook(nb_text("# GET /x\n1", "# ResponseInfo GET /x\nprint('{}')"))
     (ep,) = nb.endpoints
     assert ep.response_source == "# ResponseInfo GET /x\nprint('{}')"
-    assert ep.response_cells == (1,)
+    assert ep.response_cells == (2,)
 
 
 def test_orphan_response_info_warns() -> None:
     nb = parse_notebook(nb_text("# GET /x\n1", "# ResponseInfo GET /y\nprint('{}')"))
-    assert nb.warnings and "/y" in nb.warnings[0]
+    assert nb.warnings and "/y" in nb.warnings[0] and "cell 2" in nb.warnings[0]
+    with pytest.raises(NotebookError, match="cell 2.*--strict"):
+        parse_notebook(nb_text("# GET /x\n1", "# ResponseInfo GET /y\nprint('{}')"),
+                       strict=True)
 
 
 @pytest.mark.parametrize("method", ["GET", "POST", "PUT", "DELETE", "PATCH"])
@@ -59,11 +63,51 @@ def test_every_method(method: str) -> None:
     assert ep.method == method
 
 
-@pytest.mark.parametrize("first_line", ["# get /x", "#GET /x", "# HEAD /x", "# OPTIONS /x",
-                                        "# ResponseInfo get /x"])
-def test_near_miss_annotation_is_an_error(first_line: str) -> None:
-    with pytest.raises(NotebookError, match="cell 1"):
-        parse_notebook(nb_text("# GET /ok", first_line + "\nprint(1)"))
+NEAR_MISSES = ["# get /x", "#GET /x", "# HEAD /x", "# OPTIONS /x", "# ResponseInfo get /x",
+               "\n# GET /x", "#\tpost /x", "# Get/x"]
+
+
+@pytest.mark.parametrize("first_line", NEAR_MISSES)
+def test_near_miss_annotation_is_an_init_cell_with_a_warning(first_line: str) -> None:
+    # Kernel Gateway runs such a cell at warm-up; so does kgpool, and it says so
+    nb = parse_notebook(nb_text("# GET /ok", first_line + "\nprint(1)"))
+    assert [c.source for c in nb.init_cells] == [first_line + "\nprint(1)"]
+    assert [e.path for e in nb.endpoints] == ["/ok"]
+    (warning,) = nb.warnings
+    assert warning.startswith("cell 2 (") and "init cell" in warning
+
+
+@pytest.mark.parametrize("first_line", NEAR_MISSES)
+def test_near_miss_annotation_is_an_error_when_strict(first_line: str) -> None:
+    with pytest.raises(NotebookError, match=r"cell 2 .*--strict"):
+        parse_notebook(nb_text("# GET /ok", first_line + "\nprint(1)"), strict=True)
+
+
+def test_path_with_whitespace_is_served_literally_with_a_warning() -> None:
+    nb = parse_notebook(nb_text("# GET /fakeprint 'I am not a real lang!'", "# GET /x/:id  # c"))
+    assert [e.path for e in nb.endpoints] == ["/fakeprint 'I am not a real lang!'", "/x/:id  # c"]
+    assert len(nb.warnings) == 2 and all("whitespace" in w for w in nb.warnings)
+    r = Router(nb.endpoints)
+    assert r.match("/fakeprint%20'I%20am%20not%20a%20real%20lang!'") is not None
+    assert r.match("/x/:id%20%20%23%20c") == (r.routes[1], {})  # that segment is a literal
+    with pytest.raises(NotebookError, match="whitespace"):
+        parse_notebook(nb_text("# GET /a b"), strict=True)
+
+
+def test_two_spellings_of_one_shape_keep_kernel_gateways_routing() -> None:
+    nb = parse_notebook(nb_text("# GET /u/:id\nprint(1)", "# POST /u/:name\nprint(2)"))
+    assert "never run" in nb.warnings[0]
+    found = Router(nb.endpoints).match("/u/7")
+    assert found is not None and found[0].path == "/u/:id" and found[1] == {"id": "7"}
+    assert list(found[0].endpoints) == ["GET"]  # so POST /u/7 is a 405, as in Kernel Gateway
+    with pytest.raises(NotebookError, match="same URLs"):
+        parse_notebook(nb_text("# GET /u/:id", "# POST /u/:name"), strict=True)
+
+
+def test_kernel_gateway_grammar_details() -> None:
+    nb = parse_notebook(nb_text("#  GET   /spaced  \nx", "# PUT\t/tab", "# GET x", "  # GET /y"))
+    assert [e.path for e in nb.endpoints] == ["/spaced", "/tab"]
+    assert len(nb.init_cells) == 2  # no slash; leading spaces: init cells, as in Kernel Gateway
 
 
 def test_comments_that_are_not_annotations_are_init_cells() -> None:
@@ -92,6 +136,12 @@ def test_comment_prefix_by_language() -> None:
     nb = parse_notebook(nb_text("// GET /scala\nprintln(1)", "# GET /no", language="scala"))
     assert [e.path for e in nb.endpoints] == ["/scala"]
     assert len(nb.init_cells) == 1
+
+
+def test_configured_comment_prefix_adds_to_the_languages_own() -> None:
+    # Kernel Gateway's NotebookHTTPPersonality.comment_prefix, e.g. {"python": "##"}
+    nb = parse_notebook(nb_text("## GET /a", "# GET /b"), prefixes={"python": "##"})
+    assert [e.path for e in nb.endpoints] == ["/a", "/b"]
 
 
 def router(*paths: str) -> Router:

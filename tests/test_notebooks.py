@@ -70,10 +70,22 @@ def test_route_clash_is_a_start_up_error(tmp_path: Path) -> None:
     assert server.proc is not None and server.proc.wait(30) != 0
     assert "route clash" in server.output()
     server.stop()
-    ops = notebook(tmp_path / "ops.ipynb", "# GET /healthz\nprint(1)")
-    server = Server(ops).start(ready=False)
-    assert server.proc is not None and server.proc.wait(30) != 0
-    assert "kgpool serves itself" in server.output()
+
+
+def test_endpoint_at_a_kgpool_path_takes_it(tmp_path: Path) -> None:
+    # Kernel Gateway has no /healthz or /metrics, so its notebooks may define them
+    ops = notebook(tmp_path / "ops.ipynb", "# GET /healthz\nprint('mine', end='')",
+                   "# GET /:name\nprint('param', end='')")
+    with Server(ops) as server:
+        assert server.get("/healthz").text == "mine"
+        assert server.get("/_kgpool/healthz").json() == {"status": "ok"}
+        assert server.get("/readyz").status == 200  # a parameter never takes kgpool's paths
+        assert server.get("/_kgpool/readyz").json()["status"] == "ready"
+        assert "takes /healthz; kgpool's own /healthz stays at /_kgpool/healthz" in \
+            server.output()
+    server = Server(ops, "--strict").start(ready=False)
+    assert server.proc is not None and server.proc.wait(30) == 2
+    assert "--strict" in server.output()
     server.stop()
 
 

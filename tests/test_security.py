@@ -7,6 +7,7 @@ import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from http import HTTPStatus
 
 import pytest
 from conftest import NOTEBOOKS, Server
@@ -150,7 +151,8 @@ def test_kgpool_errors_are_json_without_internals(guarded: Server, method: str,
     resp = guarded.request(method, path, headers=bearer())
     assert 400 <= resp.status < 500
     body = resp.json()
-    assert set(body) == {"error", "message"}
+    assert set(body) == {"error", "message", "reason"}
+    assert body["reason"] == HTTPStatus(resp.status).phrase  # what Kernel Gateway's clients read
     assert "Traceback" not in resp.text and "/kgpool/" not in resp.text
 
 
@@ -158,7 +160,8 @@ def test_cell_traceback_only_behind_the_flag() -> None:
     kitchen = NOTEBOOKS / "kitchen.ipynb"
     with Server(kitchen) as plain:
         body = plain.get("/raise").json()
-        assert body == {"error": "ValueError", "message": 'boom "quoted"'}
+        assert body == {"error": "ValueError", "message": 'boom "quoted"',
+                        "reason": "Internal Server Error"}
     with Server(kitchen, "--expose-traceback") as debug:
         body = debug.get("/raise").json()
         assert body["error"] == "ValueError"

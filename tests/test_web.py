@@ -158,7 +158,8 @@ def test_other_methods_on_param_route(kitchen: Server) -> None:
 def test_cell_error_500_json(kitchen: Server) -> None:
     resp = kitchen.get("/raise")
     assert resp.status == 500
-    assert resp.json() == {"error": "ValueError", "message": 'boom "quoted"'}
+    assert resp.json() == {"error": "ValueError", "message": 'boom "quoted"',
+                           "reason": "Internal Server Error"}
 
 
 def test_input_is_an_error_not_a_hang(kitchen: Server) -> None:
