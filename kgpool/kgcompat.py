@@ -15,12 +15,13 @@ import logging
 import os
 import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from jupyter_core.application import JupyterApp, base_aliases
-from traitlets import Bool, Dict, Integer, List, Unicode
+from traitlets import Bool, Dict, Integer, List, TraitError, Unicode
 from traitlets.config import Config, Configurable
 
 from .errors import ConfigError
@@ -171,8 +172,13 @@ def translate(argv: Sequence[str], environ: Mapping[str, str]) -> Translation:
                           "jupyter_kernel_gateway_config.py, so keep generating it with "
                           "`jupyter kernelgateway --generate-config`")
     out = Translation()
-    gateway = KernelGatewayApp(config=config)
-    personality = NotebookHTTPPersonality(config=config)
+    with warnings.catch_warnings():  # unknown options: reported below, with what to do
+        warnings.simplefilter("ignore")
+        try:
+            gateway = KernelGatewayApp(config=config)
+            personality = NotebookHTTPPersonality(config=config)
+        except (TraitError, ValueError) as exc:  # a value of the wrong type, given twice...
+            raise ConfigError(f"bad Kernel Gateway option: {exc}") from None
     for section, options in config.items():
         for name in options:
             _take(section, name, gateway, personality, out)

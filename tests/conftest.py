@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -84,6 +85,8 @@ class Server:
                  env: dict[str, str] | None = None, base: str = "") -> None:
         self.port = free_port()
         self.base = base  # the --base-url the server was given, without its trailing /
+        self.cwd: Path | None = None
+        self.https: ssl.SSLContext | None = None  # set for a server that speaks TLS
         notebooks = notebook if isinstance(notebook, list) else [notebook]
         self.args = [sys.executable, "-m", "kgpool", "serve", *map(str, notebooks),
                      "--port", str(self.port), *args]
@@ -96,7 +99,8 @@ class Server:
         # A file, not a pipe: a full pipe would block the server's logging mid-test.
         self._logfile = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(self.args, env=self.env, stdout=self._logfile,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     cwd=self.cwd)
         if ready:
             self.wait_ready(timeout)
         return self
@@ -122,7 +126,9 @@ class Server:
 
     def request(self, method: str, path: str, body: bytes | str | None = None,
                 headers: dict[str, str] | None = None, timeout: float = 30.0) -> Response:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        conn = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=timeout,
+                                           context=self.https) if self.https else \
+            http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
             conn.request(method, path, body=body, headers=headers or {})
             resp = conn.getresponse()
@@ -179,6 +185,18 @@ class Server:
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.stop()
+
+
+class KGServer(Server):
+    """kgpool started the way Kernel Gateway is (`jupyter kernelgateway` with one word
+    changed): Kernel Gateway's options only, its config files looked up in `config_dir`."""
+
+    def __init__(self, *kg_args: str, config_dir: Path, env: dict[str, str] | None = None,
+                 port_option: bool = True, base: str = "") -> None:
+        super().__init__([], env={"JUPYTER_CONFIG_DIR": str(config_dir), **(env or {})},
+                         base=base)
+        port = [f"--KernelGatewayApp.port={self.port}"] if port_option else []
+        self.args = [sys.executable, "-m", "kgpool", *kg_args, *port]
 
 
 @pytest.fixture(autouse=True)

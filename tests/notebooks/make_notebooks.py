@@ -109,3 +109,67 @@ write("rich", [
     "base64.b64decode(v['base64']).hex()]\n        else:\n            out[name] = v\n"
     "print(json.dumps(out), end='')",
 ])
+
+# Written for Kernel Gateway: the behaviours its own notebook-http suite checks, in our words.
+# Sample REQUESTs sit in init cells so the notebook also runs top to bottom by hand.
+write("kg_api", [
+    "MD:# A Kernel Gateway notebook\nGreetings, a message board and a guest list.",
+    "import json, os, sys, time",
+    "greeting = 'hi {}'\nguests = ['Ann', 'Bob']",
+    "# GET /greet\nprint(greeting.format('all'))",
+    "REQUEST = json.dumps({'args': {'who': ['Zed']}})",
+    "# GET /greet/who\nprint(greeting.format(json.loads(REQUEST)['args']['who'][0]))",
+    "# GET /greet/everyone\nprint(greeting.format(' & '.join(json.loads(REQUEST)['args']['who'])))",
+    "# GET /greet/:name\nprint(greeting.format(json.loads(REQUEST)['path']['name']))",
+    "# GET /board\nprint(greeting)",
+    "# PUT /board\ngreeting = json.loads(REQUEST)['body']\nprint(greeting)",
+    "# GET /guests\nprint(json.dumps(guests))",
+    "# POST /guests\nguests = json.loads(REQUEST)['body']\nprint(json.dumps(guests))",
+    "# DELETE /guests/:at\nguests.pop(int(json.loads(REQUEST)['path']['at']))\nprint(json.dumps(guests))",
+    "# GET /broken\nthis is not python",
+    "# GET /noise\nprint('out')\nprint('err', file=sys.stderr)",
+    "# GET /wait/:seconds\ntime.sleep(float(json.loads(REQUEST)['path']['seconds']))\nprint(os.getpid())",
+    "# GET /sum\n40 + 2",
+    "# GET /ctype\nprint(json.loads(REQUEST)['headers'].get('Content-Type'))",
+    "# GET /header/:name\nprint(json.loads(REQUEST)['headers'].get(json.loads(REQUEST)['path']['name']))",
+    "# GET /split\nwords = ['two', 'cells']",
+    "# GET /split\nprint(' '.join(words))",
+    "# GET /served\nprint('KERNEL_GATEWAY=' + str(os.environ.get('KERNEL_GATEWAY')))",
+    "# GET /pid\nprint(os.getpid(), end='')",
+])
+write("kg_responses", [
+    "import json",
+    "# GET /doc\nprint('{\"greeting\": \"hi\"}')",
+    "# ResponseInfo GET /doc\nprint(json.dumps({'headers': {'Content-Type': 'application/json'}}))",
+    "# GET /empty\n",
+    "# ResponseInfo GET /empty\nprint(json.dumps({'status': 204}))",
+    "# GET /tagged\nprint('{\"greeting\": \"hi\"}')",
+    "# ResponseInfo GET /tagged\nprint(json.dumps({'headers': {'Content-Type': 'application/json', 'Etag': 'v42'}}))",
+    "",
+])
+write("kg_two_verbs", ["label = 'start'", "# GET /label\nprint(label)",
+                       "# POST /label\nlabel = json.loads(REQUEST)['body']\nprint(label)",
+                       "import json"])
+# A kernelspec nobody has, and a path with spaces: Kernel Gateway serves it with a forced kernel.
+write("kg_unknown_kernel", ["# GET /say 'not a real language'\nprint('said')"],
+      language="madeuplang", kernel="madeuplang9")
+# Every near miss Kernel Gateway runs as an init cell (and so does kgpool, with a warning).
+write("near_misses", [
+    "import json\nRAN = []",
+    "#GET /tight\nRAN.append('tight')",
+    "# get /lower\nRAN.append('lower')",
+    "# HEAD /head\nRAN.append('head')",
+    "\n# GET /blank-first-line\nRAN.append('blank')",
+    "# GET /u/:id\nprint('by id', end='')",
+    "# POST /u/:name\nprint('by name', end='')",
+    "# GET /spaced path\nprint('spaced', end='')",
+    "# ResponseInfo GET /nowhere\nprint('{}')",
+    "# GET /ran\nprint(json.dumps(RAN), end='')",
+])
+# Init takes 4 s in every kernel but the first to start (KGPOOL_TEST_FLAG names a file that only
+# the first one creates): readiness must wait for all of them unless told otherwise.
+write("staggered", [
+    "import os, time\ntry:\n    os.close(os.open(os.environ['KGPOOL_TEST_FLAG'], os.O_CREAT | os.O_EXCL))\n"
+    "except FileExistsError:\n    time.sleep(4)",
+    "# GET /pid\nprint(os.getpid(), end='')",
+])
