@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 from pathlib import Path
@@ -95,6 +96,8 @@ class NotebookHandler:
         mount, active, route, params = found
         request[NOTEBOOK], request[ROUTE] = mount.name, route.path
         endpoint = route.endpoints.get(request.method)
+        if endpoint is None and request.method == "OPTIONS":  # as Kernel Gateway: no kernel
+            return web.Response(status=200, headers={"Allow": ", ".join(route.allowed)})
         if endpoint is None:
             allow = ", ".join(route.allowed)
             return error_response(405, "method_not_allowed",
@@ -122,7 +125,21 @@ class NotebookHandler:
                 return error_response(500, error, message, traceback=[
                     _ANSI.sub("", line) for line in exc.traceback])
             return error_response(status, error, message, headers)
+        if request.method == "GET" and reply.status == 200 and \
+                not any(name.lower() == "etag" for name in reply.headers):
+            return _with_etag(request, reply.headers, reply.body)
         return web.Response(status=reply.status, headers=reply.headers, body=reply.body)
+
+
+def _with_etag(request: web.Request, headers: dict[str, str], body: bytes) -> web.Response:
+    """Kernel Gateway's (tornado's) validator on a GET 200 that set none: an Etag of the body,
+    and 304 without it when the client's If-None-Match already has that one."""
+    etag = f'"{hashlib.sha1(body, usedforsecurity=False).hexdigest()}"'
+    given = request.headers.get("If-None-Match", "")
+    if given and (given.strip() == "*" or etag in
+                  {tag.strip().removeprefix("W/") for tag in given.split(",")}):
+        return web.Response(status=304, headers={"Etag": etag})
+    return web.Response(status=200, headers={**headers, "Etag": etag}, body=body)
 
 
 class OpsHandlers:

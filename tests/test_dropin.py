@@ -348,3 +348,19 @@ def test_https_with_kernel_gateways_certificate_options(config_dir: Path,
             plain.request("GET", "/greet")
             plain.getresponse().read()
         plain.close()
+
+
+def test_etag_and_304_as_kernel_gateway_sends_them(kg: KGServer) -> None:
+    first = kg.get("/greet")
+    etag = first.headers["Etag"]
+    assert etag.startswith('"') and len(etag) == 42  # a SHA-1 of the body, quoted
+    again = kg.get("/greet", headers={"If-None-Match": etag})
+    assert again.status == 304 and again.body == b"" and again.headers["Etag"] == etag
+    assert kg.get("/greet", headers={"If-None-Match": '"other"'}).status == 200
+    assert "Etag" not in kg.request("PUT", "/board", body="hi {}").headers  # GET only
+
+
+def test_options_on_a_known_path_needs_no_kernel(kg: KGServer) -> None:
+    resp = kg.request("OPTIONS", "/greet")
+    assert resp.status == 200 and resp.body == b"" and resp.headers["Allow"] == "GET"
+    assert kg.request("OPTIONS", "/nowhere").status == 404
