@@ -36,7 +36,7 @@ if [ "$#" -eq 0 ]; then
   step "pytest (KGPOOL_CHANNEL=jupyter)"
   KGPOOL_CHANNEL=jupyter .venv/bin/python -m pytest -q tests/test_web.py tests/test_cli.py \
     tests/test_resilience.py tests/test_app.py tests/test_security.py tests/test_fuzz.py \
-    tests/test_rich.py tests/test_notebooks.py tests/test_browser.py
+    tests/test_rich.py tests/test_notebooks.py tests/test_browser.py tests/test_dropin.py
 fi
 
 if [ "$#" -eq 0 ]; then
