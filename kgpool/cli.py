@@ -180,7 +180,7 @@ async def serve(settings: Settings) -> int:
         return 2
     mounts = app[MOUNTS]
     for mount in mounts.all:
-        for warning in mount.active.service.notebook.warnings:
+        for warning in mount.service.notebook.warnings:
             log.warning("%s: %s", mount.name, warning)
     runner = web.AppRunner(app, handle_signals=False, access_log=None,
                            handler_cancellation=True, shutdown_timeout=2.0)
@@ -220,7 +220,7 @@ async def serve(settings: Settings) -> int:
         if not stop.is_set():
             for mount in mounts.all:
                 log.info("ready: %s at %s: %s", mount.name, mount.prefix or "/", ", ".join(
-                    f"{e.method} {e.path}" for e in mount.active.service.notebook.endpoints))
+                    f"{e.method} {e.path}" for e in mount.service.notebook.endpoints))
             await stop.wait()
         warm.cancel()
         log.info("draining: up to %gs for queued and running requests",

@@ -78,6 +78,9 @@ class Settings:
     shutdown_timeout: float = _opt(
         30.0, "on SIGTERM/SIGINT, seconds to let queued and running requests finish"
     )
+    warmup_concurrency: int = _opt(
+        0, "kernels warmed at once, across all notebooks (0: two per CPU, at least 4), so a "
+        "crash loop cannot start every kernel at once on a small machine")
     init_timeout: float = _opt(
         120.0, "seconds a kernel may take to start and run the init cells"
     )
@@ -89,6 +92,9 @@ class Settings:
         "", "require 'Authorization: Bearer TOKEN' (or 'token TOKEN') on endpoint requests; "
         "prefer the environment variable, which keeps the token out of ps", secret=True)
     metrics_auth: bool = _opt(False, "require the token on /metrics too")
+    max_response_size: int = _opt(
+        32 * 1024 * 1024, "largest answer in bytes (characters of output); a cell that prints "
+        "more gets a 500 that says so, and its kernel is kept (0: no limit)")
     max_body_size: int = _opt(
         10 * 1024 * 1024, "largest request body in bytes; larger ones get 413 before a kernel "
         "is involved")
@@ -122,6 +128,7 @@ class Settings:
         if self.allow_credentials and "*" in self.origins:
             raise ConfigError("--allow-credentials needs explicit origins, not *")
         for name in ("timeout", "shutdown_timeout", "max_queue", "max_requests",
+                     "max_response_size", "warmup_concurrency",
                      "max_requests_jitter", "max_age"):
             if getattr(self, name) < 0:
                 flag = "--" + name.replace("_", "-")
@@ -145,6 +152,10 @@ class Settings:
         _ = self.comment_prefixes  # validates the syntax
         env = {k: v for k, v in self.kernel_env.items() if k not in SECRET_ENV}
         object.__setattr__(self, "kernel_env", env)
+
+    @property
+    def warmup_limit(self) -> int:
+        return self.warmup_concurrency or max(4, 2 * (os.cpu_count() or 1))
 
     @property
     def prefix(self) -> str:

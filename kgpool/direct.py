@@ -34,10 +34,17 @@ def install_code(path: str, cells: list[tuple[str, str | None]]) -> str:
 def _result(part: list[Any]) -> ExecutionResult:
     stdout, result, error, displays = part
     out = ExecutionResult(stdout=[stdout] if stdout else [], execute_result=result,
-                          displays=displays, done=True)
+                          displays=displays, done=True, size=len(stdout or ""))
+    for bundle in displays + ([result] if result else []):
+        out.size += sum(len(v) for v in bundle.values() if isinstance(v, str))
     if error is not None:
         out.error = {"ename": error[0], "evalue": error[1], "traceback": error[2]}
     return out
+
+
+def _oversized(size: int) -> ExecutionResult:
+    """A reply too large to read: only its size is known (the answer will be refused)."""
+    return ExecutionResult(done=True, size=size)
 
 
 class DirectChannel:
@@ -65,12 +72,14 @@ class DirectChannel:
     def serves(self, index: int) -> bool:
         return index not in self.refused
 
-    async def call(self, index: int,
-                   request: str) -> tuple[ExecutionResult, ExecutionResult | None]:
-        """Run endpoint `index` with REQUEST bound: (endpoint result, ResponseInfo result)."""
+    async def call(self, index: int, request: str,
+                   limit: int = 0) -> tuple[ExecutionResult, ExecutionResult | None]:
+        """Run endpoint `index` with REQUEST bound: (endpoint result, ResponseInfo result).
+        A reply far past `limit` characters is skipped unread (escaping inflates it at most
+        6-fold), so it never has to be held whole."""
         payload = json.dumps({"e": index, "r": request}).encode("utf-8", "surrogateescape")
         self._writer.write(_HEADER.pack(len(payload)) + payload)
-        reply = asyncio.ensure_future(self._read())
+        reply = asyncio.ensure_future(self._read(6 * limit + 65536 if limit else 0))
         died = self._died
         waits: list[asyncio.Future[Any]] = [reply, died]
         try:
@@ -89,11 +98,19 @@ class DirectChannel:
             if died.done():
                 raise died.result() from None
             raise KernelDied(f"{self._label}: direct channel closed: {exc}") from None
+        if isinstance(data, int):
+            return _oversized(data), None
         info = data.get("i")
         return _result(data["c"]), (_result(info) if info is not None else None)
 
-    async def _read(self) -> dict[str, Any]:
+    async def _read(self, most: int) -> dict[str, Any] | int:
+        """The next reply, or the size of one past `most` bytes, which is skipped."""
         size = _HEADER.unpack(await self._reader.readexactly(_HEADER.size))[0]
+        if most and size > most:
+            left = size
+            while left:
+                left -= len(await self._reader.readexactly(min(left, 1 << 20)))
+            return int(size)
         return json.loads(await self._reader.readexactly(size))  # type: ignore[no-any-return]
 
     def close(self) -> None:

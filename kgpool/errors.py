@@ -53,8 +53,16 @@ class PoolUnavailable(KgpoolError):
     """No warm kernel exists and replacements keep failing."""
 
 
+class EndpointRemoved(KgpoolError):
+    """A request waited for an endpoint that a reload took away."""
+
+
 class QueueFull(KgpoolError):
     """The bounded queue of waiting requests is full."""
+
+
+class ResponseTooLarge(KgpoolError):
+    """A cell's answer is larger than --max-response-size."""
 
 
 class ResponseInfoError(KgpoolError):

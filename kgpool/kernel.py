@@ -23,6 +23,26 @@ log = logging.getLogger(__name__)
 
 # ipykernel's default shutdown wait is 5 s; a kernel about to be replaced earns less patience.
 SHUTDOWN_GRACE = 1.0
+ABORT_GRACE = 0.3  # after the interrupt, before SIGKILL
+
+
+async def _settled_text(path: str, polls: int = 50) -> str | None:
+    """The file's text once it stops growing (a signal handler is writing it), or None."""
+    size = -1
+    for _ in range(polls):
+        await asyncio.sleep(0.01)
+        try:
+            now = os.path.getsize(path)
+        except OSError:
+            return None
+        if now and now == size:
+            break
+        size = now
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 class Kernel:
@@ -50,6 +70,7 @@ class Kernel:
         self._ready = False
         self.pid: int | None = None
         self.exit_code: int | None = None
+        self.stack_file: str | None = None  # where a Python kernel dumps its stacks (abort)
 
     # ----- life cycle -------------------------------------------------------------------
 
@@ -129,7 +150,12 @@ class Kernel:
 
     @property
     def is_alive(self) -> bool:
-        return self.pid is not None and not self._died.done()
+        """Started and not exited, asking the process itself: its exit may not have reached
+        the event loop's watch yet."""
+        if self.pid is None or self._died.done():
+            return False
+        process = self._process()
+        return process is None or process.poll() is None
 
     async def _wait_ready(self) -> None:
         """Kernel info on shell until iopub delivers too: SUB sockets miss early messages."""
@@ -167,6 +193,23 @@ class Kernel:
                 with contextlib.suppress(Exception):
                     await self._km.shutdown_kernel(now=True)
 
+    async def abort(self) -> str | None:
+        """Stop a kernel that ran past its deadline and say where it was: its threads' stacks
+        (Python kernels write them to `stack_file` on SIGUSR2), then an interrupt, so the cell's
+        `finally` blocks get a moment, then SIGKILL."""
+        stacks = None
+        if self.is_alive and self.pid is not None:
+            if self.stack_file:
+                with contextlib.suppress(OSError):
+                    os.kill(self.pid, signal.SIGUSR2)
+                    stacks = await _settled_text(self.stack_file)
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, signal.SIGINT)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._died), ABORT_GRACE)
+        self.kill()
+        return stacks
+
     def kill(self) -> None:
         """SIGKILL the kernel's process group (the kernel and anything it spawned)."""
         process = self._process()  # also set when start() was cancelled half-way
@@ -180,8 +223,10 @@ class Kernel:
 
     # ----- execution --------------------------------------------------------------------
 
-    async def execute(self, code: str, *, silent: bool = False) -> ExecutionResult:
-        """Run code; the result arrives when the kernel goes idle. Raises KernelDied at once."""
+    async def execute(self, code: str, *, silent: bool = False,
+                      limit: int = 0) -> ExecutionResult:
+        """Run code; the result arrives when the kernel goes idle. Raises KernelDied at once.
+        Output past `limit` characters is counted, not kept."""
         if self._died.done():
             raise self._died.result()
         if self._pending is not None:
@@ -190,16 +235,16 @@ class Kernel:
         msg_id, frames = self._wire.request("execute_request", {
             "code": code, "silent": silent, "store_history": False,
             "user_expressions": {}, "allow_stdin": False, "stop_on_error": True})
-        waiter = self._expect(msg_id)
+        waiter = self._expect(msg_id, limit)
         await self._shell.send_multipart(frames, copy=False)
         try:
             return await waiter
         finally:
             self._pending = None
 
-    def _expect(self, msg_id: str) -> asyncio.Future[ExecutionResult]:
+    def _expect(self, msg_id: str, limit: int = 0) -> asyncio.Future[ExecutionResult]:
         waiter: asyncio.Future[ExecutionResult] = asyncio.get_running_loop().create_future()
-        self._pending = (msg_id, ExecutionResult(), waiter)
+        self._pending = (msg_id, ExecutionResult(limit=limit), waiter)
         return waiter
 
     async def _read_iopub(self) -> None:

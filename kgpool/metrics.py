@@ -23,7 +23,7 @@ from .pool import PoolStatus
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _STARTUP = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
-RESTART_REASONS = ("crash", "timeout", "recycle", "init_failed")
+RESTART_REASONS = ("crash", "timeout", "recycle", "init_failed", "reload", "cancelled")
 REJECT_REASONS = ("queue_full", "draining", "not_ready")
 # notebook name -> the status of every pool serving it (two while a reload swaps pools)
 StatusSource = Callable[[], Mapping[str, list[PoolStatus]]]
@@ -85,6 +85,9 @@ class Metrics:
                                 ["notebook", "reason"], registry=registry)
         self.restarts = Counter("kgpool_kernel_restarts", "Kernels replaced, by reason.",
                                 ["notebook", "reason"], registry=registry)
+        self.exits = Counter("kgpool_kernel_exits", "Kernels that exited on their own, by exit "
+                             "status (signal 9 (SIGKILL) is often the out-of-memory killer).",
+                             ["notebook", "status"], registry=registry)
         self.kernel_start = Histogram("kgpool_kernel_start_duration_seconds",
                                       "Time to start a kernel process until it answers.",
                                       ["notebook"], buckets=_STARTUP, registry=registry)
@@ -126,6 +129,9 @@ class NotebookMetrics:
 
     def kernel_restarted(self, reason: str) -> None:
         self._m.restarts.labels(self.name, reason).inc()
+
+    def kernel_exited(self, status: str) -> None:
+        self._m.exits.labels(self.name, status).inc()
 
     def queue_waited(self, seconds: float) -> None:
         self._m.queue_wait.labels(self.name).observe(seconds)

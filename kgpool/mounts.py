@@ -1,5 +1,5 @@
-"""The notebooks being served: one NotebookService per notebook under its URL prefix, hot-swapped
-for a freshly warmed one when the file changes (or on SIGHUP)."""
+"""The notebooks being served: one NotebookService per notebook under its URL prefix, rolled
+over to the file's new version when it changes (or on SIGHUP)."""
 
 from __future__ import annotations
 
@@ -89,69 +89,52 @@ def _kernel_counts(text: str) -> dict[str, int]:
 ClashCheck = Callable[["Mount", Notebook], None]
 
 
-@dataclass(frozen=True)
-class Active:
-    """A service and the router for its notebook: swapped together, read together."""
-
-    service: NotebookService
-    router: Router
-
-
 class Mount:
-    def __init__(self, spec: MountSpec, settings: Settings, metrics: Metrics) -> None:
+    """One notebook under its prefix: its service, and reloads of its file."""
+
+    def __init__(self, spec: MountSpec, settings: Settings, metrics: Metrics,
+                 warmups: asyncio.Semaphore) -> None:
         self.spec = spec
         self.name, self.prefix = spec.name, spec.prefix
         self._settings = settings
-        self._metrics = metrics.for_notebook(spec.name)
-        self.active = self._activate(self._load())
-        self.retiring: list[NotebookService] = []
+        self.service = NotebookService(self._load(), settings, metrics.for_notebook(spec.name),
+                                       path=spec.path, kernels=spec.kernels, warmups=warmups)
         self.reload_error: str | None = None
         self._stamp = _stamp(spec.path)
         self._lock = asyncio.Lock()
+
+    @property
+    def router(self) -> Router:
+        return self.service.current.router
 
     def _load(self) -> Notebook:
         return load_notebook(self.spec.path, strict=self._settings.strict,
                              prefixes=self._settings.comment_prefixes)
 
-    def _activate(self, notebook: Notebook) -> Active:
-        service = NotebookService(notebook, self._settings, self._metrics, path=self.spec.path,
-                                  kernels=self.spec.kernels)
-        return Active(service, Router(notebook.endpoints))
-
     def statuses(self) -> list[PoolStatus]:
-        return [self.active.service.status()] + [s.status() for s in self.retiring]
+        return [self.service.status()]
 
     def changed(self) -> bool:
         return _stamp(self.spec.path) != self._stamp
 
     async def reload(self, clashes: ClashCheck) -> bool:
-        """Warm the notebook's new version beside the old; switch only if it is good."""
+        """Roll the kernels over to the file's new version, one at a time; a version that
+        cannot be read, clashes, or whose first kernel fails to warm is refused."""
         async with self._lock:
             self._stamp = _stamp(self.spec.path)
             try:
                 notebook = self._load()
                 clashes(self, notebook)
-                fresh = self._activate(notebook)
             except KgpoolError as exc:
                 return self._refuse(str(exc))
             log.info("%s: warming the new version of %s", self.name, self.spec.path)
-            fresh.service.begin()
             try:
-                await fresh.service.warmed()
-            except BaseException as exc:  # refused, or kgpool is stopping: no kernel left
-                await fresh.service.close()
-                if isinstance(exc, KgpoolError):
-                    return self._refuse(str(exc))
-                raise
-            old, self.active, self.reload_error = self.active, fresh, None
-            log.info("%s: switched to the new version; retiring the old kernels", self.name)
-            self.retiring.append(old.service)
-        try:
-            await old.service.drain(self._settings.shutdown_timeout)
-        finally:
-            await old.service.close()
-            self.retiring.remove(old.service)
-        return True
+                await self.service.reload(notebook)
+            except KgpoolError as exc:
+                return self._refuse(str(exc))
+            self.reload_error = None
+            log.info("%s: reloaded; every kernel runs the new version", self.name)
+            return True
 
     def _refuse(self, reason: str) -> bool:
         self.reload_error = reason
@@ -178,10 +161,13 @@ class Mounts:
     def __init__(self, specs: list[MountSpec], settings: Settings, metrics: Metrics) -> None:
         self._settings = settings
         self._reloads: set[asyncio.Task[bool]] = set()
+        self._draining = False
+        # warm-ups across every pool: a crash loop on a small pod must not start them all
+        warmups = asyncio.Semaphore(settings.warmup_limit)
         self.all: list[Mount] = []
         for spec in specs:
-            mount = Mount(spec, settings, metrics)
-            self.check_clashes(mount, mount.active.service.notebook)
+            mount = Mount(spec, settings, metrics, warmups)
+            self.check_clashes(mount, mount.service.notebook)
             self.all.append(mount)
         self._by_prefix = sorted(self.all, key=lambda m: len(m.prefix), reverse=True)
         metrics.watch_pools(lambda: {m.name: m.statuses() for m in self.all})
@@ -201,28 +187,27 @@ class Mounts:
         for other in self.all:
             if other is mount:
                 continue
-            for ep in other.active.service.notebook.endpoints:
+            for ep in other.service.notebook.endpoints:
                 shape = _shape(other.prefix + ep.path)
                 if shape in mine:
                     raise ConfigError(f"route clash: {mount.name} {mount.prefix}{mine[shape]} "
                                       f"and {other.name} {other.prefix}{ep.path}")
 
-    def match(self, raw_path: str) -> tuple[Mount, Active, Route, dict[str, str]] | None:
+    def match(self, raw_path: str) -> tuple[Mount, Route, dict[str, str]] | None:
         for mount in self._by_prefix:
             if mount.prefix and not (raw_path == mount.prefix
                                      or raw_path.startswith(mount.prefix + "/")):
                 continue
-            active = mount.active
-            found = active.router.match(raw_path[len(mount.prefix):] or "/")
+            found = mount.router.match(raw_path[len(mount.prefix):] or "/")
             if found is not None:
-                return mount, active, found[0], found[1]
+                return mount, found[0], found[1]
         return None
 
     def has_fixed(self, raw_path: str) -> bool:
         """Some notebook has a route without parameters at exactly this path."""
         for mount in self._by_prefix:
             if raw_path == mount.prefix or raw_path.startswith(mount.prefix + "/"):
-                if mount.active.router.has_fixed(raw_path[len(mount.prefix):] or "/"):
+                if mount.router.has_fixed(raw_path[len(mount.prefix):] or "/"):
                     return True
         return False
 
@@ -241,32 +226,42 @@ class Mounts:
             found = self.match(raw_path)
         except UnicodeDecodeError:
             return None
-        return (found[0].name, found[2].path) if found is not None else None
+        return (found[0].name, found[1].path) if found is not None else None
 
     def begin(self) -> None:
         for mount in self.all:
-            mount.active.service.begin()
+            mount.service.begin()
 
     async def warmed(self) -> None:
-        await asyncio.gather(*(m.active.service.warmed() for m in self.all))
+        await asyncio.gather(*(m.service.warmed() for m in self.all))
 
     @property
     def ready(self) -> bool:
-        return all(m.active.service.ready for m in self.all)
+        return all(m.service.ready for m in self.all)
 
     async def drain(self, timeout: float) -> bool:
-        results = await asyncio.gather(*(m.active.service.drain(timeout) for m in self.all))
+        """No reload from now on (a finished one must not make /readyz 200 again); let queued
+        and running requests finish."""
+        self._draining = True
+        await self._stop_reloads()
+        results = await asyncio.gather(*(m.service.drain(timeout) for m in self.all))
         return all(results)
 
     async def close(self) -> None:
-        """Stop reloads in progress, then every pool: serving and retiring ones alike."""
+        """Stop reloads in progress, then every pool."""
+        self._draining = True
+        await self._stop_reloads()
+        await asyncio.gather(*(m.service.close() for m in self.all))
+
+    async def _stop_reloads(self) -> None:
         for task in list(self._reloads):
             task.cancel()
         await asyncio.gather(*self._reloads, return_exceptions=True)
-        await asyncio.gather(*(service.close() for m in self.all
-                               for service in [m.active.service, *m.retiring]))
 
     def reload(self, mount: Mount) -> None:
+        if self._draining:
+            log.info("%s: not reloaded: kgpool is stopping", mount.name)
+            return
         task = asyncio.ensure_future(mount.reload(self.check_clashes))
         self._reloads.add(task)
         task.add_done_callback(self._reloads.discard)

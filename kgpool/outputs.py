@@ -18,16 +18,31 @@ class ExecutionResult:
     displays: list[dict[str, Any]] = field(default_factory=list)
     error: dict[str, Any] | None = None
     done: bool = False
+    size: int = 0  # characters of output kept; past `limit` more output only counts
+    limit: int = 0  # 0: keep everything
+    stderr_size: int = 0
 
     def feed(self, msg_type: str, content: dict[str, Any]) -> None:
         """Fold one iopub message (already filtered to this execution's msg_id)."""
         if msg_type == "stream":
-            (self.stderr if content.get("name") == "stderr" else self.stdout).append(
-                content.get("text", ""))
-        elif msg_type == "execute_result":
-            self.execute_result = content.get("data", {})
-        elif msg_type in ("display_data", "update_display_data"):
-            self.displays.append(content.get("data", {}))
+            text = content.get("text", "")
+            if content.get("name") == "stderr":  # never the body
+                self.stderr_size += len(text)
+                if not self.limit or self.stderr_size <= self.limit:
+                    self.stderr.append(text)
+                return
+            self.size += len(text)
+            if not self.limit or self.size <= self.limit:
+                self.stdout.append(text)
+        elif msg_type in ("execute_result", "display_data", "update_display_data"):
+            data = content.get("data", {})
+            self.size += sum(len(v) for v in data.values() if isinstance(v, str))
+            if self.limit and self.size > self.limit:
+                return  # only counted: the answer will be refused as too large
+            if msg_type == "execute_result":
+                self.execute_result = data
+            else:
+                self.displays.append(data)
         elif msg_type == "error":
             self.error = content
         elif msg_type == "status" and content.get("execution_state") == "idle":

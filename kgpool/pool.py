@@ -1,4 +1,5 @@
-"""KernelPool: N warm kernels, a bounded FIFO of waiters, and a supervisor that replaces kernels."""
+"""KernelPool: the warm kernels of one notebook, a bounded FIFO of waiters, and a supervisor that
+replaces (never reuses), recycles and rolls kernels, with a restart budget."""
 
 from __future__ import annotations
 
@@ -6,44 +7,76 @@ import asyncio
 import contextlib
 import logging
 import random
+import signal
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
-from .errors import ExecutionTimeout, InitError, PoolClosed, PoolUnavailable, QueueFull
+from .errors import (
+    EndpointRemoved,
+    ExecutionTimeout,
+    InitError,
+    PoolClosed,
+    PoolUnavailable,
+    QueueFull,
+)
 from .kernel import Kernel
 
 log = logging.getLogger(__name__)
 
-# Factory contract: start a kernel for a slot and warm it; on failure leave no process behind.
-KernelFactory = Callable[[int, Callable[[Kernel], None]], Awaitable[Kernel]]
+# (version, slot, on_death) -> a warm kernel of that notebook version; on failure it leaves no
+# process behind.
+KernelFactory = Callable[[int, int, Callable[[Kernel], None]], Awaitable[Kernel]]
+Accepts = Callable[[int], bool]
+T = TypeVar("T")
 
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
+RESTART_LIMIT, RESTART_WINDOW = 5, 60.0  # crashes replaced at once; beyond, with back-off
+
+
+def backoff(attempt: int) -> float:
+    """0.5 s, 1 s, 2 s, ... up to 30 s for the n-th retry (from 1)."""
+    return float(min(BACKOFF_FIRST * 2 ** (attempt - 1), BACKOFF_MAX))
 
 
 class PoolListener(Protocol):
     """What the pool reports; metrics implement it, tests may too."""
 
     def kernel_restarted(self, reason: str) -> None: ...
+    def kernel_exited(self, status: str) -> None: ...
     def queue_waited(self, seconds: float) -> None: ...
 
 
 class _Quiet:
     def kernel_restarted(self, reason: str) -> None: pass
+    def kernel_exited(self, status: str) -> None: pass
     def queue_waited(self, seconds: float) -> None: pass
 
 
 @dataclass(eq=False)
 class Lease:
-    """A kernel lent to one request; give it back with pool.release(lease, outcome)."""
+    """A kernel of the pool; lent to one request at a time (pool.release gives it back)."""
 
     kernel: Kernel
     slot: int
+    version: int  # which version of the notebook it was warmed with
     limit: int  # requests before recycling; 0 means never
     served: int = 0
-    retiring: bool = False
+    retiring: bool = False  # stopped when it is next idle (recycle, reload)
+    dead: bool = False  # its process exited while it was lent
+    stopped: bool = False
+    gone: asyncio.Event = field(default_factory=asyncio.Event)  # set once it is stopped
+
+
+@dataclass(eq=False)
+class _Waiter:
+    future: asyncio.Future[Lease]
+    accepts: Accepts | None
+
+    def wants(self, lease: Lease) -> bool:
+        return self.accepts is None or self.accepts(lease.version)
 
 
 @dataclass(frozen=True)
@@ -57,41 +90,44 @@ class PoolStatus:
     capacity: int
     draining: bool
     failing: tuple[str, ...]
+    rolling: bool = False
 
 
 class KernelPool:
     def __init__(self, factory: KernelFactory, size: int, *, max_queue: int,
-                 max_requests: int = 0, max_requests_jitter: int = 0,
-                 ready_size: int = 0, listener: PoolListener | None = None) -> None:
+                 max_requests: int = 0, max_requests_jitter: int = 0, ready_size: int = 0,
+                 version: int = 0, warmups: asyncio.Semaphore | None = None,
+                 listener: PoolListener | None = None) -> None:
         self._factory = factory
         self.size = size
+        self.max_queue = max_queue
         # At start-up the pool opens (hands out kernels, says ready) once this many are warm,
         # so that the first requests spread over all of them, as Kernel Gateway's do.
         self.ready_size = min(ready_size or size, size)
-        self.max_queue = max_queue
+        self.version = version  # what new kernels are warmed with
         self._max_requests = max_requests
         self._jitter = max_requests_jitter
+        self._warmups = warmups or asyncio.Semaphore(size)
         self._listener: PoolListener = listener or _Quiet()
         self._idle: deque[Lease] = deque()
         self._busy: set[Lease] = set()
-        self._waiters: deque[asyncio.Future[Lease]] = deque()
-        self._starting: dict[int, str] = {}  # slot -> why (start, crash, timeout, recycle)
+        self._waiters: deque[_Waiter] = deque()
+        self._starting: dict[asyncio.Task[Any], tuple[int, str]] = {}  # warm-ups: slot, why
         self._failing: dict[int, str] = {}  # slot -> last warm-up error
-        self._warming: set[asyncio.Task[None]] = set()  # replacements being warmed
+        self._crashes: deque[float] = deque()  # recent unexpected deaths, for the budget
         self._tasks: set[asyncio.Task[None]] = set()  # shutdowns: awaited, never cancelled
-        self._stopping = 0  # kernels being shut down
-        self._draining = False
-        self._closed = False
-        self._started = False  # every slot got its first warm-up
-        self._opened = False  # ready_size kernels were warm once: kernels are handed out
-        self._idle_event = asyncio.Event()
+        self._stopping = 0
+        self._draining = self._closed = self._started = self._opened = False
+        self._rolling = False
+        self._quiet = asyncio.Event()  # no request running or waiting
 
     # ----- state -------------------------------------------------------------------------
 
     def status(self) -> PoolStatus:
         return PoolStatus(self.size, len(self._starting), len(self._idle), len(self._busy),
                           self._stopping, len(self._waiters), self.max_queue,
-                          self._draining or self._closed, tuple(self._failing.values()))
+                          self._draining or self._closed, tuple(self._failing.values()),
+                          self._rolling)
 
     @property
     def ready(self) -> bool:
@@ -99,53 +135,47 @@ class KernelPool:
         return self._opened and not (self._draining or self._closed) and \
             bool(self._idle or self._busy)
 
+    def members(self) -> list[Lease]:
+        """Every kernel that serves or may serve again: idle and lent."""
+        return [*self._idle, *self._busy]
+
     # ----- start and stop ----------------------------------------------------------------
 
     async def start(self) -> None:
-        """Warm every slot concurrently, each serving as soon as it is warm; the first failure
-        stops all of them and is raised."""
-        for slot in range(self.size):
-            self._starting[slot] = "start"
+        """Warm every slot concurrently (as many at once as the warm-up limit lets); the first
+        failure stops all of them and is raised."""
         started = time.monotonic()
+        tasks = [self._track_start(slot, "start", self._start_slot(slot))
+                 for slot in range(self.size)]
         try:
-            await _all_or_nothing([asyncio.create_task(self._start_slot(slot))
-                                   for slot in range(self.size)])
+            await _all_or_nothing(tasks)
         except BaseException:
-            self._starting.clear()
             await self.close()
             raise
         self._started = True
         log.info("pool warm: %d kernel(s) in %.2fs", self.size, time.monotonic() - started)
 
     async def _start_slot(self, slot: int) -> None:
-        lease = await self._spawn(slot)
-        self._starting.pop(slot, None)
-        self._hand_out(lease)
+        self._hand_out(await self._spawn(slot, self.version))
 
     async def drain(self, timeout: float) -> bool:
         """Refuse new requests, let queued and running ones finish; True if all finished."""
         self._draining = True
-        deadline = time.monotonic() + timeout
-        while self._waiters or self._busy:
-            self._idle_event.clear()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle_event.wait(), remaining)
-        return True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while self._waiters or self._busy:
+                    self._quiet.clear()
+                    await self._quiet.wait()
+        return not (self._waiters or self._busy)
 
     async def close(self) -> None:
         """Stop everything now: fail waiters, cancel warm-ups, shut down every kernel."""
         self._closed = True
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(PoolClosed("kgpool is shutting down"))
-        for task in list(self._warming):
+        self._fail_waiters(PoolClosed("kgpool is shutting down"))
+        for task in list(self._starting):
             task.cancel()
-        await asyncio.gather(*self._warming, return_exceptions=True)
-        for lease in list(self._idle) + list(self._busy):
+        await asyncio.gather(*self._starting, return_exceptions=True)
+        for lease in self.members():
             self._stop(lease)
         self._idle.clear()
         self._busy.clear()
@@ -154,23 +184,29 @@ class KernelPool:
 
     # ----- lending -----------------------------------------------------------------------
 
-    async def acquire(self, deadline: float | None = None) -> Lease:
-        """An idle kernel, or wait for one in FIFO order until the loop-time deadline."""
+    async def acquire(self, deadline: float | None = None,
+                      accepts: Accepts | None = None) -> Lease:
+        """An idle kernel whose version `accepts` takes, or wait for one in FIFO order until
+        the loop-time deadline."""
         if self._draining or self._closed:
             raise PoolClosed("kgpool is shutting down")
-        if self._idle and not self._waiters and self._opened:
-            self._listener.queue_waited(0.0)
-            return self._lend(self._idle.popleft())
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), accepts)
+        if self._opened:
+            # no earlier waiter wants any idle kernel (_hand_out keeps it so): take one
+            for lease in self._idle:
+                if waiter.wants(lease):
+                    self._idle.remove(lease)
+                    self._listener.queue_waited(0.0)
+                    return self._lend(lease)
         if self._started and not self._idle and not self._busy and self._failing:
-            raise PoolUnavailable("no warm kernel: " + "; ".join(self._failing.values()))
+            raise PoolUnavailable("no kernel can be warmed")
         if len(self._waiters) >= self.max_queue:
             raise QueueFull(f"{len(self._waiters)} request(s) already waiting for a kernel")
-        waiter: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         queued_at = time.monotonic()
         try:
             async with asyncio.timeout_at(deadline):
-                lease = await waiter
+                lease = await waiter.future
         except BaseException as exc:
             self._abandon(waiter)
             if isinstance(exc, TimeoutError):
@@ -180,14 +216,15 @@ class KernelPool:
             self._listener.queue_waited(time.monotonic() - queued_at)
         return self._lend(lease)
 
-    def _abandon(self, waiter: asyncio.Future[Lease]) -> None:
+    def _abandon(self, waiter: _Waiter) -> None:
         """A waiter gave up (deadline, disconnect); a kernel it was just handed goes back."""
         with contextlib.suppress(ValueError):
             self._waiters.remove(waiter)
-        if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-            self._hand_out(waiter.result())
+        future = waiter.future
+        if future.done() and not future.cancelled() and future.exception() is None:
+            self._hand_out(future.result())
         else:
-            waiter.cancel()
+            future.cancel()
         self._notify_if_quiet()
 
     def _lend(self, lease: Lease) -> Lease:
@@ -199,144 +236,257 @@ class KernelPool:
         if lease not in self._busy:
             return  # close() took it already
         self._busy.discard(lease)
+        if outcome == "ok" and (lease.dead or not lease.kernel.is_alive):
+            outcome = "crash"  # it died after answering: never lend it again
         if outcome != "ok":
             self._replace(lease, outcome)
-        elif lease.retiring and lease.slot not in self._starting:
-            self._retire(lease)  # its replacement is already warm
+        elif lease.retiring and not self._warming(lease.slot):
+            self._stop(lease)  # its replacement is warm: retire it now
         else:
             lease.served += 1
             if lease.limit and lease.served >= lease.limit and not lease.retiring:
-                lease.retiring = True
+                lease.retiring = True  # keeps serving until its replacement is warm
                 self._start_replacement(lease.slot, "recycle", old=lease)
             self._hand_out(lease)
         self._notify_if_quiet()
 
     def _hand_out(self, lease: Lease) -> None:
-        """An idle kernel goes to the longest waiter, else to the back of the idle queue:
-        handing out from the front spreads requests over every kernel in turn."""
-        if self._closed:
+        """A kernel goes to the longest waiter that takes its version, else to the back of the
+        idle queue: handing out from the front spreads requests over every kernel in turn."""
+        if self._closed or lease.stopped:
             self._stop(lease)
             return
-        if not self._opened:
-            self._idle.append(lease)
-            if len(self._idle) + len(self._busy) >= self.ready_size:
-                self._open()
+        if lease.dead or not lease.kernel.is_alive:
+            self._replace(lease, "crash")
             return
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(lease)
-                return
+        if self._opened:
+            for waiter in self._waiters:
+                if not waiter.future.done() and waiter.wants(lease):
+                    self._waiters.remove(waiter)
+                    waiter.future.set_result(lease)
+                    return
         self._idle.append(lease)
-
-    def _open(self) -> None:
-        self._opened = True
-        while self._waiters and self._idle:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(self._idle.popleft())
+        if not self._opened and len(self._idle) + len(self._busy) >= self.ready_size:
+            self._opened = True
+            for idle in list(self._idle):
+                self._idle.remove(idle)
+                self._hand_out(idle)
 
     def _notify_if_quiet(self) -> None:
         if not self._busy and not self._waiters:
-            self._idle_event.set()
+            self._quiet.set()
+
+    def _fail_waiters(self, error: Exception) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.future.done():
+                waiter.future.set_exception(error)
+        self._notify_if_quiet()
+
+    def _fail_orphans(self) -> None:
+        """Waiters for an endpoint that no remaining version has (a reload removed it)."""
+        versions = {lease.version for lease in self.members()} | {self.version}
+        for waiter in list(self._waiters):
+            if waiter.accepts is not None and not any(map(waiter.accepts, versions)):
+                self._waiters.remove(waiter)
+                if not waiter.future.done():
+                    waiter.future.set_exception(
+                        EndpointRemoved("a reload removed this endpoint"))
+        self._notify_if_quiet()
 
     # ----- supervision -------------------------------------------------------------------
 
     def _kernel_died(self, lease: Lease) -> None:
-        if lease in self._idle:  # busy kernels are reported by their request instead
+        if lease.stopped:
+            return  # we stopped it
+        status = describe_exit(lease.kernel.exit_code)
+        log.warning("kernel slot %d (pid %s) exited unexpectedly: %s", lease.slot,
+                    lease.kernel.pid, status)
+        self._listener.kernel_exited(status)
+        if lease in self._idle:
             self._idle.remove(lease)
             self._replace(lease, "crash")
+        else:
+            lease.dead = True  # lent: its request fails, then release() replaces it
 
     def _replace(self, lease: Lease, reason: str) -> None:
+        if lease.stopped:
+            return
         log.warning("kernel slot %d (pid %s) replaced: %s", lease.slot, lease.kernel.pid, reason)
-        if reason != "recycle":
-            lease.kernel.kill()  # its state is unknown and it may be spinning: no grace
-        self._stop(lease)
-        if lease.retiring and lease.slot in self._starting:
-            return  # a recycle replacement for this slot is already warming
-        self._start_replacement(lease.slot, reason)
+        delay = 0.0
+        if reason == "crash":
+            delay = self._crash_delay()
+        if reason == "timeout":
+            self._stop(lease, abort=True)  # its traceback first: where did it hang?
+        else:
+            if reason != "recycle":
+                lease.kernel.kill()  # its state is unknown and it may be spinning: no grace
+            self._stop(lease)
+        if lease.retiring and self._warming(lease.slot):
+            return  # a replacement for this slot is already warming
+        self._start_replacement(lease.slot, reason, delay=delay)
 
-    def _retire(self, lease: Lease) -> None:
-        with contextlib.suppress(ValueError):
-            self._idle.remove(lease)
-        log.info("kernel slot %d (pid %s) retired after %d requests",
-                 lease.slot, lease.kernel.pid, lease.served)
-        self._stop(lease)
+    def _crash_delay(self) -> float:
+        """Crashes beyond the budget (RESTART_LIMIT per RESTART_WINDOW) wait, doubling."""
+        now = time.monotonic()
+        self._crashes.append(now)
+        while self._crashes and self._crashes[0] < now - RESTART_WINDOW:
+            self._crashes.popleft()
+        over = len(self._crashes) - RESTART_LIMIT
+        if over <= 0:
+            return 0.0
+        delay = backoff(over)
+        log.error("%d kernel crashes in the last %.0fs: the next replacement waits %.1fs",
+                  len(self._crashes), RESTART_WINDOW, delay)
+        return delay
 
-    def _start_replacement(self, slot: int, reason: str, old: Lease | None = None) -> None:
+    def _warming(self, slot: int) -> bool:
+        return any(s == slot for s, _ in self._starting.values())
+
+    def _start_replacement(self, slot: int, reason: str, old: Lease | None = None,
+                           delay: float = 0.0) -> None:
         if self._closed or self._draining:
             return
         self._listener.kernel_restarted(reason)
-        self._starting[slot] = reason
-        task = asyncio.ensure_future(self._warm_replacement(slot, old))
-        self._warming.add(task)
-        task.add_done_callback(self._warming.discard)
+        self._track_start(slot, reason, self._warm_replacement(slot, old, delay))
 
-    async def _warm_replacement(self, slot: int, old: Lease | None) -> None:
+    def _track_start(self, slot: int, reason: str, coro: Awaitable[T]) -> asyncio.Task[T]:
+        task: asyncio.Task[T] = asyncio.ensure_future(coro)
+        self._starting[task] = (slot, reason)
+        task.add_done_callback(self._starting_done)
+        return task
+
+    def _starting_done(self, task: asyncio.Task[Any]) -> None:
+        self._starting.pop(task, None)
+        if not task.cancelled():
+            task.exception()  # retrieved; start() and roll() report their own
+
+    async def _warm_replacement(self, slot: int, old: Lease | None, delay: float) -> None:
+        if delay:
+            await asyncio.sleep(delay)
+        lease = await self._spawn_retrying(slot)
+        if old is not None and old not in self._busy:
+            with contextlib.suppress(ValueError):
+                self._idle.remove(old)
+            self._stop(old)  # idle (or already gone): retire it now, else at its release
+        self._hand_out(lease)
+
+    async def _spawn_retrying(self, slot: int) -> Lease:
+        """A warm kernel of the current version for `slot`, retrying failures with back-off;
+        while no kernel is warm, waiters fail at once instead of timing out."""
         failures = 0
         while True:
             try:
-                lease = await self._spawn(slot)
-                break
+                lease = await self._spawn(slot, self.version)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 failures += 1
                 self._listener.kernel_restarted("init_failed")
-                delay = min(BACKOFF_FIRST * 2 ** (failures - 1), BACKOFF_MAX)
                 self._failing[slot] = f"slot {slot}: {exc}"
                 log.error("kernel slot %d failed to warm (attempt %d), retrying in %.1fs: %s",
-                          slot, failures, delay, exc)
-                self._fail_waiters_if_no_kernel()
-                await asyncio.sleep(delay)
-        self._failing.pop(slot, None)
-        self._starting.pop(slot, None)
-        if old is not None and old not in self._busy:
-            self._retire(old)  # idle (or already gone): retire it now, else at its release
-        self._hand_out(lease)
+                          slot, failures, backoff(failures), exc)
+                if not self._idle and not self._busy:
+                    self._fail_waiters(PoolUnavailable("no kernel can be warmed"))
+                await asyncio.sleep(backoff(failures))
+                continue
+            self._failing.pop(slot, None)
+            return lease
 
-    def _fail_waiters_if_no_kernel(self) -> None:
-        if self._idle or self._busy:
-            return
-        error = PoolUnavailable("no warm kernel: " + "; ".join(self._failing.values()))
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(error)
-
-    async def _spawn(self, slot: int) -> Lease:
-        started = time.monotonic()
+    async def _spawn(self, slot: int, version: int) -> Lease:
         holder: list[Lease] = []
 
         def died(_: Kernel) -> None:
             if holder:  # deaths during warm-up surface from the factory instead
                 self._kernel_died(holder[0])
 
-        kernel = await self._factory(slot, died)
+        async with self._warmups:  # a crash loop must not start every kernel at once
+            started = time.monotonic()
+            kernel = await self._factory(version, slot, died)
         limit = self._max_requests + random.randint(0, self._jitter) if self._max_requests else 0
-        lease = Lease(kernel, slot, limit)
+        lease = Lease(kernel, slot, version, limit)
         holder.append(lease)
-        seconds = time.monotonic() - started
-        log.info("kernel slot %d warm in %.2fs (pid %s)", slot, seconds, kernel.pid)
+        log.info("kernel slot %d warm in %.2fs (pid %s)", slot, time.monotonic() - started,
+                 kernel.pid)
         if not kernel.is_alive:  # died between warm-up and now
             await kernel.shutdown()
             raise InitError(f"kernel for slot {slot} died right after warm-up")
         return lease
 
-    def _stop(self, lease: Lease) -> None:
+    def _stop(self, lease: Lease, abort: bool = False) -> None:
+        """Shut a kernel down, once; `abort` logs where it hung first."""
+        if lease.stopped:
+            return
+        lease.stopped = True
+        with contextlib.suppress(ValueError):
+            self._idle.remove(lease)
         self._stopping += 1
-        self._track(self._shutdown(lease.kernel))
-
-    async def _shutdown(self, kernel: Kernel) -> None:
-        try:
-            await kernel.shutdown()
-        finally:
-            self._stopping -= 1
-
-    def _track(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
+        task = asyncio.ensure_future(self._shutdown(lease, abort))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _shutdown(self, lease: Lease, abort: bool) -> None:
+        try:
+            if abort:
+                where = await lease.kernel.abort()
+                log.warning("kernel slot %d (pid %s) was stopped past its deadline%s",
+                            lease.slot, lease.kernel.pid,
+                            f"; it was running:\n{where}" if where else
+                            " (no traceback available)")
+            await lease.kernel.shutdown()
+        finally:
+            self._stopping -= 1
+            lease.gone.set()
+
+    # ----- reload ------------------------------------------------------------------------
+
+    async def roll(self, version: int, on_first: Callable[[], None] | None = None) -> None:
+        """Replace every kernel by one of `version`, one at a time: warm a new kernel, lend it,
+        then retire an old one (stopped once idle), so at most one extra kernel runs. Raises
+        if the first new kernel cannot be warmed (the old version keeps serving); `on_first`
+        is called once it is warm, before it is lent."""
+        old_version, self.version = self.version, version
+        self._rolling = True
+        try:
+            olds = sorted((m for m in self.members() if m.version != version),
+                          key=lambda m: m.slot)
+            for number, old in enumerate(olds):
+                if self._closed or self._draining:
+                    return
+                self._listener.kernel_restarted("reload")
+                if number == 0:  # a version that cannot warm at all is refused
+                    try:
+                        lease = await self._track_start(old.slot, "reload",
+                                                        self._spawn(old.slot, version))
+                    except BaseException:
+                        self.version = old_version
+                        raise
+                    if on_first is not None:
+                        on_first()
+                else:
+                    lease = await self._track_start(old.slot, "reload",
+                                                    self._spawn_retrying(old.slot))
+                self._hand_out(lease)
+                if not old.stopped:
+                    old.retiring = True
+                    if old not in self._busy:
+                        self._stop(old)
+                    await old.gone.wait()
+                self._fail_orphans()
+        finally:
+            self._rolling = False
+
+
+def describe_exit(code: int | None) -> str:
+    """'exit code 1', 'signal 9 (SIGKILL)' — a kernel killed by the OOM killer shows -9."""
+    if code is None:
+        return "exit status unknown"
+    if code < 0:
+        try:
+            return f"signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
 
 
 async def _all_or_nothing(tasks: list[asyncio.Task[None]]) -> None:

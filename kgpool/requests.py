@@ -38,7 +38,11 @@ def request_document(data: RequestData) -> str:
             headers[key] = value
     document = {"body": parse_body(data.body, data.content_type), "args": args,
                 "path": dict(data.params), "headers": headers}
-    return json.dumps(document)
+    try:
+        return json.dumps(document)
+    except RecursionError:  # a body nested as deep as the parser goes, one level more here
+        document["body"] = data.body.decode("utf-8", errors="surrogateescape")
+        return json.dumps(document)
 
 
 def parse_body(body: bytes, content_type: str) -> Any:
@@ -50,7 +54,7 @@ def parse_body(body: bytes, content_type: str) -> Any:
     if media == "application/json" or media.endswith("+json"):
         try:
             return json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deep: text, as KG does
             return text
     if media == "application/x-www-form-urlencoded":
         fields: dict[str, list[str]] = {}

@@ -1,9 +1,10 @@
-"""NotebookService: a notebook and its pool, no HTTP; one deadline per request covers all phases."""
+"""NotebookService: a notebook (every version being served) and its pool, no HTTP; one deadline
+per request covers all phases."""
 
 from __future__ import annotations
 
 import asyncio
-import json
+import errno
 import logging
 import os
 import shutil
@@ -20,28 +21,33 @@ import zmq.asyncio
 from .config import Settings
 from .direct import DirectChannel
 from .errors import (
+    ConfigError,
     ExecutionError,
     ExecutionTimeout,
     InitError,
     KernelDied,
     KernelError,
     ResponseInfoError,
+    ResponseTooLarge,
 )
 from .kernel import Kernel
 from .languages import bind_request
 from .metrics import NotebookMetrics
 from .notebook import Endpoint, Notebook
-from .outputs import ExecutionResult, choose_body
-from .pool import KernelPool, Lease, PoolStatus
+from .outputs import ExecutionResult
+from .pool import Accepts, KernelPool, Lease, PoolStatus
+from .replies import Reply, build_reply
 from .requests import RequestData, request_document
+from .routes import Router
 
 log = logging.getLogger(__name__)
 
-NO_BODY_STATUSES = frozenset({204, 304})
 # Run in every Python kernel before the init cells: a cell whose value is bytes gets an
-# application/octet-stream representation, so it can answer with those bytes.
+# application/octet-stream representation, so it can answer with those bytes; SIGUSR2 dumps
+# every thread's stack to a file, so a kernel stopped past its deadline says where it hung.
 PYTHON_SETUP = """
-def _kgpool_setup():
+def _kgpool_setup(stacks):
+    import faulthandler, signal
     from IPython.core.formatters import BaseFormatter
     from traitlets import ObjectName, Unicode
     class BytesFormatter(BaseFormatter):
@@ -53,16 +59,11 @@ def _kgpool_setup():
     formatter.for_type(bytes, bytes)
     formatter.for_type(bytearray, bytes)
     display.formatters[formatter.format_type] = formatter
-_kgpool_setup()
+    faulthandler.register(signal.SIGUSR2, file=open(stacks, "w"), all_threads=True, chain=False)
+_kgpool_setup(%r)
 del _kgpool_setup
 """
-
-
-@dataclass
-class Reply:
-    status: int = 200
-    headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": "text/plain"})
-    body: bytes = b""
+Key = tuple[str, str]  # (method, path template): an endpoint in any version of the notebook
 
 
 @dataclass
@@ -74,33 +75,64 @@ class CallInfo:
     kernel_pid: int | None = None
 
 
+@dataclass(frozen=True)
+class Version:
+    """One version of the notebook, as loaded; kernels are warmed with one version each."""
+
+    number: int
+    notebook: Notebook
+    router: Router
+    endpoints: dict[Key, tuple[int, Endpoint]] = field(default_factory=dict)  # index, endpoint
+
+    @classmethod
+    def of(cls, number: int, notebook: Notebook) -> Version:
+        return cls(number, notebook, Router(notebook.endpoints),
+                   {(ep.method, ep.path): (i, ep) for i, ep in enumerate(notebook.endpoints)})
+
+
 class NotebookService:
     def __init__(self, notebook: Notebook, settings: Settings, metrics: NotebookMetrics, *,
-                 path: Path | None = None, kernels: int | None = None) -> None:
-        self.notebook = notebook
+                 path: Path | None = None, kernels: int | None = None,
+                 warmups: asyncio.Semaphore | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.kernel_name = settings.kernel_name or notebook.kernel_name or "python3"
+        self._cwd = str(path.resolve().parent) if path is not None else None
         # Kernel Gateway's notebooks tell "served" from "run by hand" by KERNEL_GATEWAY=1.
         self._env = {**settings.kernel_env, "KERNEL_GATEWAY": "1"}
-        self._cwd = str(path.resolve().parent) if path is not None else None
-        self._context = zmq.asyncio.Context()
-        self._ipc_dir = tempfile.mkdtemp(prefix="kgpool-")
+        self.current = Version.of(1, notebook)
+        self._versions: dict[int, Version] = {1: self.current}
         self.pool = KernelPool(self._make_kernel, kernels or settings.kernels,
                                max_queue=settings.max_queue,
                                max_requests=settings.max_requests,
                                max_requests_jitter=settings.max_requests_jitter,
-                               ready_size=settings.ready_kernels, listener=metrics)
-        self._index = {ep: i for i, ep in enumerate(notebook.endpoints)}
+                               ready_size=settings.ready_kernels, version=1, warmups=warmups,
+                               listener=metrics)
         self._direct: weakref.WeakKeyDictionary[Kernel, DirectChannel] = \
             weakref.WeakKeyDictionary()
+        self._context: zmq.asyncio.Context | None = None
+        self._ipc_dir: str | None = None
         self._warm: asyncio.Task[None] | None = None
         self._runs: set[asyncio.Task[Reply]] = set()
+
+    @property
+    def notebook(self) -> Notebook:
+        return self.current.notebook
+
+    def kernel_name(self, notebook: Notebook) -> str:
+        return self.settings.kernel_name or notebook.kernel_name or "python3"
 
     # ----- life cycle ----------------------------------------------------------------------
 
     def begin(self) -> None:
-        """Start warming the pool in the background; `warmed()` reports the outcome."""
+        """Allocate the runtime folder and start warming the pool in the background;
+        `warmed()` reports the outcome, `close()` frees everything, also after a failure."""
+        try:
+            self._ipc_dir = tempfile.mkdtemp(prefix="kgpool-")
+        except OSError as exc:
+            reason = "the disk is full" if exc.errno == errno.ENOSPC else str(exc)
+            raise ConfigError(f"cannot create kgpool's runtime folder in "
+                              f"{tempfile.gettempdir()}: {reason}") from None
+        self._context = zmq.asyncio.Context()
         self._warm = asyncio.create_task(self.pool.start(), name="kgpool-warm-up")
 
     async def warmed(self) -> None:
@@ -126,22 +158,49 @@ class NotebookService:
         await asyncio.gather(*self._runs, return_exceptions=True)
         for channel in list(self._direct.values()):
             channel.close()
-        self._context.destroy(linger=0)
-        shutil.rmtree(self._ipc_dir, ignore_errors=True)
+        if self._context is not None:
+            self._context.destroy(linger=0)
+        if self._ipc_dir is not None:
+            shutil.rmtree(self._ipc_dir, ignore_errors=True)
 
-    async def _make_kernel(self, slot: int, on_death: Any) -> Kernel:
-        kernel = Kernel(self.kernel_name, context=self._context, label=f"slot {slot}",
-                        on_death=on_death, cwd=self._cwd, ipc_dir=self._ipc_dir,
-                        env=self._env)
+    async def reload(self, notebook: Notebook) -> None:
+        """Roll the pool over to a new version of the notebook, one kernel at a time; raises
+        (the old version keeps serving) if the first kernel of the new one cannot warm."""
+        version = Version.of(max(self._versions) + 1, notebook)
+        self._versions[version.number] = version
+        try:
+            await self.pool.roll(version.number, on_first=lambda: self._switch(version))
+        except BaseException:
+            if self.current is not version:
+                del self._versions[version.number]
+            raise
+        finally:
+            live = {lease.version for lease in self.pool.members()} | {self.current.number}
+            for number in [n for n in self._versions if n not in live]:
+                del self._versions[number]
+
+    def _switch(self, version: Version) -> None:
+        log.info("%s: the new version serves from now on; retiring the old kernels one by one",
+                 version.notebook.name)
+        self.current = version
+
+    async def _make_kernel(self, number: Any, slot: int, on_death: Any) -> Kernel:
+        assert self._context is not None and self._ipc_dir is not None, "begin() first"
+        version = self._versions[number]
+        kernel = Kernel(self.kernel_name(version.notebook), context=self._context,
+                        label=f"slot {slot}", on_death=on_death, cwd=self._cwd,
+                        ipc_dir=self._ipc_dir, env=self._env)
         cell = None
         try:
             async with asyncio.timeout(self.settings.init_timeout):
                 started = time.monotonic()
                 await kernel.start()
-                if self.notebook.language == "python":
-                    await kernel.execute(PYTHON_SETUP, silent=True)
+                if version.notebook.language == "python":
+                    stacks = os.path.join(self._ipc_dir, f"stacks-{uuid.uuid4().hex[:12]}")
+                    await kernel.execute(PYTHON_SETUP % stacks, silent=True)
+                    kernel.stack_file = stacks
                 booted = time.monotonic()
-                for cell in self.notebook.init_cells:
+                for cell in version.notebook.init_cells:
                     result = await kernel.execute(cell.source)
                     if result.error is not None:
                         raise InitError(
@@ -149,7 +208,7 @@ class NotebookService:
                             f"{result.error.get('ename')}: {result.error.get('evalue')}")
                 self.metrics.kernel_warmed(booted - started, time.monotonic() - booted)
                 cell = None
-                await self._open_direct(kernel)
+                await self._open_direct(kernel, version)
         except BaseException as exc:
             await kernel.shutdown()
             where = f" in init {cell.name}" if cell else ""
@@ -163,11 +222,12 @@ class NotebookService:
             raise
         return kernel
 
-    async def _open_direct(self, kernel: Kernel) -> None:
-        if self.settings.channel != "direct" or self.notebook.language != "python":
+    async def _open_direct(self, kernel: Kernel, version: Version) -> None:
+        if self.settings.channel != "direct" or version.notebook.language != "python":
             return
+        assert self._ipc_dir is not None
         path = os.path.join(self._ipc_dir, f"d{uuid.uuid4().hex[:12]}.sock")
-        cells = [(ep.source, ep.response_source) for ep in self.notebook.endpoints]
+        cells = [(ep.source, ep.response_source) for ep in version.notebook.endpoints]
         try:
             channel = await DirectChannel.open(kernel, path, cells)
         except (KernelError, OSError, ValueError) as exc:
@@ -175,11 +235,17 @@ class NotebookService:
                         kernel.label, exc)
             return
         for index, reason in channel.refused.items():
-            ep = self.notebook.endpoints[index]
+            ep = version.notebook.endpoints[index]
             log.info("%s %s runs on the Jupyter channel: %s", ep.method, ep.path, reason)
         self._direct[kernel] = channel
 
     # ----- requests ------------------------------------------------------------------------
+
+    def _accepts(self, key: Key) -> Accepts | None:
+        """Which versions' kernels can run `key`: all of them, unless a reload changed it."""
+        if len(self._versions) == 1:
+            return None
+        return lambda number: number in self._versions and key in self._versions[number].endpoints
 
     async def call(self, endpoint: Endpoint, request: RequestData,
                    info: CallInfo | None = None) -> Reply:
@@ -188,18 +254,20 @@ class NotebookService:
         timeout = self.settings.request_timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout if timeout else None
+        document = request_document(request)  # before a kernel is leased: it may fail
+        key = (endpoint.method, endpoint.path)
         queued = loop.time()
         try:
-            lease = await self.pool.acquire(deadline)
+            lease = await self.pool.acquire(deadline, self._accepts(key))
         finally:
             info.queue_wait = loop.time() - queued
-        info.slot, info.kernel_pid = lease.slot, lease.kernel.pid
-        # Once a kernel runs the cell, a client that goes away no longer cancels it: the
-        # cell finishes (within the deadline) and the kernel returns to the pool clean.
-        run = asyncio.create_task(self._run(lease, endpoint, request_document(request),
-                                            deadline))
+        # Nothing between the lease and this task can fail: the task owns the kernel from
+        # here and gives it back. A client that goes away no longer cancels it: the cell
+        # finishes (within the deadline) and the kernel returns to the pool clean.
+        run = asyncio.create_task(self._run(lease, key, document, deadline))
         self._runs.add(run)
         run.add_done_callback(self._run_done)
+        info.slot, info.kernel_pid = lease.slot, lease.kernel.pid
         return await asyncio.shield(run)
 
     def _run_done(self, run: asyncio.Task[Reply]) -> None:
@@ -207,42 +275,29 @@ class NotebookService:
         if not run.cancelled():
             run.exception()  # retrieved: its client may have gone away before it ended
 
-    async def _execute(self, kernel: Kernel, endpoint: Endpoint,
+    async def _execute(self, kernel: Kernel, version: Version, key: Key,
                        request: str) -> tuple[ExecutionResult, ExecutionResult | None]:
         """The endpoint's result and its ResponseInfo result, by the cheapest channel."""
-        index = self._index[endpoint]
+        index, endpoint = version.endpoints[key]
+        limit = self.settings.max_response_size
         channel = self._direct.get(kernel)
         if channel is not None and channel.serves(index):
-            return await channel.call(index, request)
-        code = bind_request(self.notebook.language, request) + endpoint.source
-        result = await kernel.execute(code)
+            return await channel.call(index, request, limit)
+        code = bind_request(version.notebook.language, request) + endpoint.source
+        result = await kernel.execute(code, limit=limit)
         if result.error is not None or endpoint.response_source is None:
             return result, None
-        return result, await kernel.execute(endpoint.response_source)
+        return result, await kernel.execute(endpoint.response_source, limit=limit)
 
-    async def _run(self, lease: Lease, endpoint: Endpoint, request: str,
+    async def _run(self, lease: Lease, key: Key, request: str,
                    deadline: float | None) -> Reply:
         outcome = "ok"
         started = time.monotonic()
+        version = self._versions[lease.version]  # its kernel's version of the endpoint
         try:
             async with asyncio.timeout_at(deadline):
-                result, info = await self._execute(lease.kernel, endpoint, request)
-            if result.error is not None:
-                raise _execution_error(result.error)
-            reply = Reply()
-            asked = None
-            if info is not None:
-                if info.error is not None:
-                    raise _execution_error(info.error)
-                if _apply_response_info(reply, info.text):
-                    asked = next(v for k, v in reply.headers.items()
-                                 if k.lower() == "content-type").split(";")[0].strip().lower()
-            reply.body, content_type = choose_body(result, asked)
-            if content_type is not None and asked is None:
-                reply.headers["Content-Type"] = content_type
-            if reply.status in NO_BODY_STATUSES:
-                reply.body = b""
-            return reply
+                result, info = await self._execute(lease.kernel, version, key, request)
+            return build_reply(result, info, self.settings.max_response_size)
         except TimeoutError:
             outcome = "timeout"
             raise ExecutionTimeout(
@@ -250,41 +305,11 @@ class NotebookService:
         except KernelDied:
             outcome = "crash"
             raise
-        except (ExecutionError, ResponseInfoError):
+        except (ExecutionError, ResponseInfoError, ResponseTooLarge):
             raise  # the cell failed, the kernel is fine
         except BaseException:
             outcome = "cancelled"
             raise
         finally:
             self.pool.release(lease, outcome)
-            self.metrics.executed(endpoint.path, time.monotonic() - started)
-
-
-def _execution_error(error: dict[str, Any]) -> ExecutionError:
-    return ExecutionError(str(error.get("ename", "Error")), str(error.get("evalue", "")),
-                          list(error.get("traceback", [])))
-
-
-def _apply_response_info(reply: Reply, text: str) -> bool:
-    """A ResponseInfo cell prints {"status": int, "headers": {...}}; anything else is an error.
-    True if it set the Content-Type."""
-    try:
-        info = json.loads(text)
-    except ValueError:
-        raise ResponseInfoError(f"ResponseInfo printed no JSON object: {text[:200]!r}") from None
-    if not isinstance(info, dict):
-        raise ResponseInfoError("ResponseInfo must print a JSON object")
-    status = info.get("status", 200)
-    if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
-        raise ResponseInfoError(f"ResponseInfo status must be an integer 100..599, not {status!r}")
-    headers = info.get("headers", {})
-    if not isinstance(headers, dict):
-        raise ResponseInfoError("ResponseInfo headers must be a JSON object")
-    reply.status = status
-    for name, value in headers.items():
-        if any(ch in f"{name}{value}" for ch in "\r\n"):
-            raise ResponseInfoError(f"ResponseInfo header {name!r} contains a line break")
-        for existing in [k for k in reply.headers if k.lower() == str(name).lower()]:
-            del reply.headers[existing]
-        reply.headers[str(name)] = str(value)
-    return any(str(name).lower() == "content-type" for name in headers)
+            self.metrics.executed(key[1], time.monotonic() - started)

@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from .config import Settings
 from .errors import (
     ConfigError,
+    EndpointRemoved,
     ExecutionError,
     ExecutionTimeout,
     KernelDied,
@@ -24,6 +25,7 @@ from .errors import (
     PoolUnavailable,
     QueueFull,
     ResponseInfoError,
+    ResponseTooLarge,
 )
 from .index import render_index
 from .metrics import Metrics
@@ -54,6 +56,8 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # (ExecutionError and KernelDied are answered by describe() itself.)
 _STATUS_TABLE: tuple[tuple[type[BaseException], int, str, dict[str, str]], ...] = (
     (ResponseInfoError, 500, "bad_response_info", {}),
+    (ResponseTooLarge, 500, "response_too_large", {}),
+    (EndpointRemoved, 404, "not_found", {}),
     (ExecutionTimeout, 504, "timeout", {}),
     (QueueFull, 503, "queue_full", {"Retry-After": RETRY_AFTER}),
     (PoolClosed, 503, "draining", {"Retry-After": RETRY_AFTER}),
@@ -93,7 +97,7 @@ class NotebookHandler:
         if found is None:
             request[ROUTE] = "unmatched"
             return error_response(404, "not_found", f"no endpoint at {request.path}")
-        mount, active, route, params = found
+        mount, route, params = found
         request[NOTEBOOK], request[ROUTE] = mount.name, route.path
         endpoint = route.endpoints.get(request.method)
         if endpoint is None and request.method == "OPTIONS":  # as Kernel Gateway: no kernel
@@ -116,11 +120,11 @@ class NotebookHandler:
             headers=tuple((k, v) for k, v in request.headers.items()
                           if not (self.hide_token and k.lower() == "authorization")))
         try:
-            reply = await active.service.call(endpoint, data, request[CALL])
+            reply = await mount.service.call(endpoint, data, request[CALL])
         except Exception as exc:
             status, error, message, headers = describe(exc)
             if error in REJECTIONS:
-                active.service.metrics.rejected_request(error)
+                mount.service.metrics.rejected_request(error)
             if self.expose_traceback and isinstance(exc, ExecutionError):
                 return error_response(500, error, message, traceback=[
                     _ANSI.sub("", line) for line in exc.traceback])
@@ -157,9 +161,9 @@ class OpsHandlers:
         ready = self.mounts.ready
         notebooks: dict[str, dict[str, Any]] = {}
         for mount in self.mounts.all:
-            status = mount.active.service.status()
+            status = mount.service.status()
             notebooks[mount.name] = {
-                "prefix": mount.prefix or "/", "ready": mount.active.service.ready,
+                "prefix": mount.prefix or "/", "ready": mount.service.ready,
                 "kernels": {"desired": status.desired, "idle": status.idle,
                             "busy": status.busy, "starting": status.starting},
                 "queued": status.queued, "failing": list(status.failing),
@@ -168,7 +172,7 @@ class OpsHandlers:
                  for key in ("desired", "idle", "busy", "starting")}
         body = {"status": "ready" if ready else "not ready", "kernels": total,
                 "queued": sum(n["queued"] for n in notebooks.values()),
-                "draining": any(m.active.service.status().draining for m in self.mounts.all),
+                "draining": any(m.service.status().draining for m in self.mounts.all),
                 "failing": [f for n in notebooks.values() for f in n["failing"]],
                 "notebooks": notebooks}
         return web.json_response(body, status=200 if ready else 503)
@@ -178,7 +182,7 @@ class OpsHandlers:
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     def _served(self) -> list[tuple[str, Notebook]]:
-        return [(m.prefix, m.active.service.notebook) for m in self.mounts.all]
+        return [(m.prefix, m.service.notebook) for m in self.mounts.all]
 
     async def swagger(self, request: web.Request) -> web.Response:
         return web.json_response(swagger(self._served()))
@@ -220,7 +224,7 @@ class Site:
             mount = next((m for m in self.mounts.all if m.prefix + SOURCE_PATH == rel), None)
             if mount is not None:
                 request[NOTEBOOK], request[ROUTE] = mount.name, SOURCE_PATH
-                return web.Response(body=mount.active.service.notebook.raw,
+                return web.Response(body=mount.service.notebook.raw,
                                     content_type="application/octet-stream")
         if rel == "/" and request.method == "GET" and self.mounts.route_of("/") is None:
             request[ROUTE] = "/"
@@ -243,7 +247,7 @@ def static_file(root: Path, name: str) -> web.StreamResponse:
 
 
 def index_page(mounts: Mounts) -> web.Response:
-    return web.Response(text=render_index([(m.name, m.prefix, m.active.service.notebook)
+    return web.Response(text=render_index([(m.name, m.prefix, m.service.notebook)
                                            for m in mounts.all]), content_type="text/html")
 
 

@@ -1,0 +1,108 @@
+"""An execution's results -> the Reply to send: status and headers from ResponseInfo, checked so
+that nothing a cell prints can break HTTP framing; the body by outputs.choose_body."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ExecutionError, ResponseInfoError, ResponseTooLarge
+from .outputs import ExecutionResult, choose_body
+
+log = logging.getLogger(__name__)
+
+NO_BODY_STATUSES = frozenset({204, 304})
+# The server frames the answer itself: a cell's framing or hop-by-hop header would desync the
+# connection (a wrong Content-Length leaves stray bytes on a keep-alive connection).
+DROPPED_HEADERS = frozenset({
+    "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade",
+    "proxy-connection", "te", "trailer", "proxy-authenticate", "proxy-authorization"})
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")  # RFC 9110 field-name
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # controls other than HTAB
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": "text/plain"})
+    body: bytes = b""
+
+
+def execution_error(error: dict[str, Any]) -> ExecutionError:
+    return ExecutionError(str(error.get("ename", "Error")), str(error.get("evalue", "")),
+                          list(error.get("traceback", [])))
+
+
+def build_reply(result: ExecutionResult, info: ExecutionResult | None,
+                max_size: int = 0) -> Reply:
+    """The Reply for an endpoint's result and its ResponseInfo result; raises ExecutionError
+    if a cell failed, ResponseInfoError for an unusable ResponseInfo, ResponseTooLarge past
+    `max_size` bytes (0: no limit)."""
+    if result.error is not None:
+        raise execution_error(result.error)
+    reply = Reply()
+    asked = None
+    if info is not None:
+        if info.error is not None:
+            raise execution_error(info.error)
+        if apply_response_info(reply, info.text):
+            asked = next(v for k, v in reply.headers.items()
+                         if k.lower() == "content-type").split(";")[0].strip().lower()
+    if max_size and result.size > max_size:
+        raise ResponseTooLarge(f"the response is larger than {max_size} bytes "
+                               "(--max-response-size)")
+    reply.body, content_type = choose_body(result, asked)
+    if max_size and len(reply.body) > max_size:
+        raise ResponseTooLarge(f"the response is {len(reply.body)} bytes, more than "
+                               f"{max_size} (--max-response-size)")
+    if content_type is not None and asked is None:
+        reply.headers["Content-Type"] = content_type
+    if reply.status in NO_BODY_STATUSES:
+        reply.body = b""
+    return reply
+
+
+def apply_response_info(reply: Reply, text: str) -> bool:
+    """A ResponseInfo cell prints {"status": int, "headers": {...}}; anything else is an error.
+    True if it set the Content-Type."""
+    try:
+        info = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ResponseInfoError(f"ResponseInfo printed no JSON object: {text[:200]!r}") from None
+    if not isinstance(info, dict):
+        raise ResponseInfoError("ResponseInfo must print a JSON object")
+    status = info.get("status", 200)
+    if not isinstance(status, int) or isinstance(status, bool) or not 200 <= status <= 599:
+        raise ResponseInfoError(f"ResponseInfo status must be an integer 200..599, not "
+                                f"{status!r}")
+    headers = info.get("headers", {})
+    if not isinstance(headers, dict):
+        raise ResponseInfoError("ResponseInfo headers must be a JSON object")
+    reply.status = status
+    set_type = False
+    for name, value in headers.items():
+        name, value = _checked(name, value)
+        if name.lower() in DROPPED_HEADERS:
+            log.warning("ResponseInfo header %s dropped: kgpool frames the answer itself", name)
+            continue
+        for existing in [k for k in reply.headers if k.lower() == name.lower()]:
+            del reply.headers[existing]
+        reply.headers[name] = value
+        set_type = set_type or name.lower() == "content-type"
+    return set_type
+
+
+def _checked(name: Any, value: Any) -> tuple[str, str]:
+    if not isinstance(name, str) or not _TOKEN.match(name):
+        raise ResponseInfoError(f"ResponseInfo header name {str(name)[:80]!r} is not a valid "
+                                "HTTP field name")
+    if not isinstance(value, (str, int, float)):  # bool is an int: "True", as tornado writes it
+        raise ResponseInfoError(f"ResponseInfo header {name} must be a string or a number")
+    text = str(value).strip(" \t")  # optional whitespace is not part of a field value
+    if _BAD_VALUE.search(text):
+        raise ResponseInfoError(f"ResponseInfo header {name} has a control character (a line "
+                                "break, NUL...) in its value")
+    return name, text
