@@ -21,7 +21,7 @@ from prometheus_client import disable_created_metrics
 
 from . import __version__
 from .config import LOG_LEVELS, SECRET_ENV, Settings
-from .errors import ConfigError, NotebookError
+from .errors import ConfigError, KgpoolError, NotebookError
 from .kgcompat import Translation, fetch_seed, is_kernel_gateway_argv, translate
 from .notebook import Notebook, load_notebook
 from .routes import Router
@@ -184,7 +184,12 @@ async def serve(settings: Settings) -> int:
             log.warning("%s: %s", mount.name, warning)
     runner = web.AppRunner(app, handle_signals=False, access_log=None,
                            handler_cancellation=True, shutdown_timeout=2.0)
-    await runner.setup()
+    try:
+        await runner.setup()  # starts the pools' warm-up
+    except KgpoolError as exc:
+        log.error("cannot start: %s", exc)
+        await runner.cleanup()
+        return 1
     stop = asyncio.Event()
     signals = 0
 

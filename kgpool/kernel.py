@@ -76,10 +76,13 @@ class Kernel:
 
     async def start(self) -> None:
         """Start the process and connect; returns once the kernel answers on both channels."""
+        name = f"k{uuid.uuid4().hex[:12]}"
         if self._ipc_dir:  # IPC sockets: no open TCP ports, and cheaper than loopback TCP
             self._km = AsyncKernelManager(
                 kernel_name=self.kernel_name, context=self._context, transport="ipc",
-                ip=os.path.join(self._ipc_dir, f"k{uuid.uuid4().hex[:12]}"))
+                ip=os.path.join(self._ipc_dir, name))
+            # its connection file holds the kernel's key: in kgpool's 0700 folder, not /tmp
+            self._km.connection_file = os.path.join(self._ipc_dir, f"{name}.json")
         else:
             self._km = AsyncKernelManager(kernel_name=self.kernel_name, context=self._context)
         self._km.shutdown_wait_time = SHUTDOWN_GRACE

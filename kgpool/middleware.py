@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -27,6 +28,7 @@ ROUTE = web.RequestKey("route", str)
 NOTEBOOK = web.RequestKey("notebook", str)
 PROBES = frozenset({"/healthz", "/readyz"})
 STATIC_PREFIX = "/public/"
+CLIENT_CLOSED = 499  # nginx's code for a client that closed the connection before the answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +107,9 @@ def access(metrics: Metrics, locate: Locator, trust_xheaders: bool) -> Any:
         try:
             response = await handler(request)
             status = response.status
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED  # the client went away: not a server error
+            raise
         finally:
             elapsed = time.monotonic() - started
             route = op or request.get(ROUTE, "unmatched")

@@ -96,7 +96,7 @@ class PoolStatus:
 class KernelPool:
     def __init__(self, factory: KernelFactory, size: int, *, max_queue: int,
                  max_requests: int = 0, max_requests_jitter: int = 0, ready_size: int = 0,
-                 version: int = 0, warmups: asyncio.Semaphore | None = None,
+                 version: int = 1, warmups: asyncio.Semaphore | None = None,
                  listener: PoolListener | None = None) -> None:
         self._factory = factory
         self.size = size

@@ -128,10 +128,12 @@ class NotebookService:
         `warmed()` reports the outcome, `close()` frees everything, also after a failure."""
         try:
             self._ipc_dir = tempfile.mkdtemp(prefix="kgpool-")
-        except OSError as exc:
-            reason = "the disk is full" if exc.errno == errno.ENOSPC else str(exc)
-            raise ConfigError(f"cannot create kgpool's runtime folder in "
-                              f"{tempfile.gettempdir()}: {reason}") from None
+        except OSError as exc:  # no usable folder at all, or ENOSPC from the chosen one
+            full = exc.errno in (errno.ENOSPC, errno.ENOENT, errno.EDQUOT)
+            raise ConfigError(
+                "cannot create kgpool's runtime folder for kernel sockets: "
+                + ("the disk is full (or TMPDIR is not writable)" if full else str(exc))
+            ) from None
         self._context = zmq.asyncio.Context()
         self._warm = asyncio.create_task(self.pool.start(), name="kgpool-warm-up")
 

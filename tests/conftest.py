@@ -66,6 +66,16 @@ def wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
     return [p for p in pids if alive(p)]
 
 
+def wait_for(predicate: Any, timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll until predicate() is true: waiting for an event, never a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 class Response:
     def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
         self.status, self.headers, self.body = status, headers, body
@@ -138,6 +148,29 @@ class Server:
 
     def get(self, path: str, **kw: Any) -> Response:
         return self.request("GET", path, **kw)
+
+    def pool(self) -> dict[str, Any]:
+        """kgpool's own /readyz (idle, busy, queued...), whatever the notebook defines."""
+        body = self.get(self.base + "/_kgpool/readyz").json()
+        return {**body["kernels"], "queued": body["queued"], "status": body["status"]}
+
+    def wait_pool(self, what: str, timeout: float = 30.0, **wanted: Any) -> None:
+        """Wait until the pool's counts are the wanted ones (busy=1, queued=2...)."""
+        wait_for(lambda: all(self.pool()[k] == v for k, v in wanted.items()), timeout,
+                 f"{what} ({wanted})")
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """The sum of a metric's samples whose labels include all of `labels` (a="x",b="y");
+        a metric with no such sample is an error, not 0."""
+        wanted = [part for part in labels.split(",") if part]
+        found, total = False, 0.0
+        for line in self.get(self.base + "/_kgpool/metrics").text.splitlines():
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                series = line.rsplit(" ", 1)[0]
+                if all(part in series for part in wanted):
+                    found, total = True, total + float(line.rsplit(" ", 1)[1])
+        assert found, f"no sample of {name} with {labels}"
+        return total
 
     def kernel_pids(self) -> list[int]:
         assert self.proc is not None

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from conftest import EXAMPLE, NOTEBOOKS, Server, kernel_children, wait_gone
@@ -94,26 +95,26 @@ def test_bad_environment_value_is_a_clear_error() -> None:
     assert out.returncode != 0 and "KGPOOL_KERNELS='many'" in out.stderr
 
 
-def test_requests_run_in_parallel_on_separate_kernels() -> None:
+def test_requests_run_in_parallel_on_separate_kernels(tmp_path: Path) -> None:
     with Server(NOTEBOOKS / "kitchen.ipynb", "--kernels", "4") as server:
-        started = time.monotonic()
-        with ThreadPoolExecutor(8) as ex:
-            replies = list(ex.map(lambda _: server.get("/sleep?s=1"), range(8)))
-        elapsed = time.monotonic() - started
-        assert [r.status for r in replies] == [200] * 8
-        assert len({r.text for r in replies}) == 4  # four kernel PIDs served
-        assert elapsed < 6.0  # one kernel at a time would take at least 8 s
+        # each request waits in its cell until four requests are in cells at the same time:
+        # on fewer than four kernels at once they could never all meet
+        with ThreadPoolExecutor(4) as ex:
+            replies = list(ex.map(lambda _: server.get(f"/meet?n=4&dir={tmp_path}"), range(4)))
+        assert [r.status for r in replies] == [200] * 4
+        assert {r.text.split()[0] for r in replies} == {"met"}
+        assert len({r.text.split()[1] for r in replies}) == 4  # four kernel PIDs
 
 
 def test_requests_wait_in_fifo_order() -> None:
     with Server(NOTEBOOKS / "kitchen.ipynb", "--kernels", "1") as server:
         with ThreadPoolExecutor(4) as ex:
             first = ex.submit(server.get, "/sleep?s=1")
-            time.sleep(0.3)
+            server.wait_pool("the first request to run", busy=1)
             queued = []
-            for _ in range(3):
+            for n in range(3):
                 queued.append(ex.submit(server.request, "POST", "/created"))
-                time.sleep(0.1)
+                server.wait_pool("the request to queue", queued=n + 1)
             assert first.result().status == 200
             hits = [f.result().json()["hits"] for f in queued]
         assert hits == sorted(hits)
@@ -143,16 +144,13 @@ def test_graceful_shutdown_finishes_in_flight(sig: int) -> None:
     server = Server(NOTEBOOKS / "kitchen.ipynb", "--kernels", "2").start()
     with ThreadPoolExecutor(3) as ex:
         in_flight = [ex.submit(server.get, "/sleep?s=2") for _ in range(3)]  # one queued
-        time.sleep(0.5)
+        server.wait_pool("two running and one queued", busy=2, queued=1)
         assert server.proc is not None
         server.proc.send_signal(sig)
-        time.sleep(0.3)
-        try:
-            late = server.get("/state", timeout=5).status
-        except OSError:
-            late = 503  # the listener may already be closed; either way not served
+        server.wait_pool("the drain to start", status="not ready")
+        late = server.get("/state", timeout=5)  # the listener stays open while it drains
+        assert (late.status, late.json()["error"]) == (503, "draining")
         assert [f.result().status for f in in_flight] == [200, 200, 200]
-    assert late == 503
     assert server.stop(sig) == 0
 
 

@@ -12,36 +12,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import NOTEBOOKS, Server
+from conftest import NOTEBOOKS, Server, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 KITCHEN = NOTEBOOKS / "kitchen.ipynb"
 
 
-def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def warm_kernels(server: Server) -> int:
-    status = server.get("/readyz").json()
-    return int(status["kernels"]["idle"] + status["kernels"]["busy"])
+    status = server.pool()
+    return int(status["idle"] + status["busy"])
 
 
 def metric(server: Server, name: str, labels: str = "") -> float:
-    """The sum of a metric's samples whose labels include all of `labels` (a="x",b="y")."""
-    wanted = [part for part in labels.split(",") if part]
-    total = 0.0
-    for line in server.get("/metrics").text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            series = line.rsplit(" ", 1)[0]
-            if all(part in series for part in wanted):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
+    return server.metric(name, labels)
 
 
 def test_endless_loop_times_out_and_kernel_is_replaced() -> None:
@@ -49,10 +32,9 @@ def test_endless_loop_times_out_and_kernel_is_replaced() -> None:
         before = server.kernel_pids()
         started = time.monotonic()
         resp = server.get("/loop")
-        elapsed = time.monotonic() - started
         assert resp.status == 504
         assert resp.json()["error"] == "timeout"
-        assert 1.9 <= elapsed < 2 + 3  # the deadline plus a small margin
+        assert time.monotonic() - started >= 1.9  # not before the deadline
         nxt = server.get("/state")  # waits in the queue for the replacement
         assert nxt.status == 200
         assert nxt.json()["init_runs"] == 1  # a fresh kernel that ran the init cells
@@ -64,21 +46,17 @@ def test_queue_wait_counts_against_the_deadline() -> None:
     with Server(KITCHEN, "--kernels", "1", "--timeout", "1.5") as server:
         with ThreadPoolExecutor(2) as ex:
             hog = ex.submit(server.get, "/sleep?s=1.2")
-            time.sleep(0.3)
-            started = time.monotonic()
-            waiting = server.get("/sleep?s=1")  # 0.9 s in the queue + 1 s of cell > 1.5 s
-            assert waiting.status == 504
-            assert time.monotonic() - started < 1.5 + 3
+            server.wait_pool("the first request to run", busy=1)
+            waiting = server.get("/sleep?s=1")  # ~1 s in the queue + 1 s of cell > 1.5 s
+            assert waiting.status == 504 and waiting.json()["error"] == "timeout"
             assert hog.result().status == 200
 
 
 def test_kernel_exit_fails_request_at_once_and_pool_refills() -> None:
     with Server(KITCHEN, "--kernels", "2", "--timeout", "30") as server:
-        started = time.monotonic()
         resp = server.get("/exit")
-        assert resp.status == 502
+        assert resp.status == 502  # at once, not the 504 of the 30 s deadline
         assert resp.json()["error"] == "kernel_died"
-        assert time.monotonic() - started < 10  # not the 30 s deadline
         wait_for(lambda: warm_kernels(server) == 2, what="two warm kernels")
         assert len(server.kernel_pids()) == 2
         assert server.get("/state").status == 200
@@ -138,12 +116,11 @@ def test_bounded_queue_sheds_load_with_503() -> None:
     with Server(KITCHEN, "--kernels", "1", "--max-queue", "1") as server:
         with ThreadPoolExecutor(2) as ex:
             running = ex.submit(server.get, "/sleep?s=2")
-            time.sleep(0.4)
+            server.wait_pool("the first request to run", busy=1)
             queued = ex.submit(server.get, "/sleep?s=0.1")
-            time.sleep(0.4)
-            started = time.monotonic()
+            server.wait_pool("the second request to queue", queued=1)
             shed = server.get("/state")
-            assert time.monotonic() - started < 1.0  # answered at once, not after the sleep
+            assert not running.done()  # answered at once, not after the running request
             assert shed.status == 503
             assert shed.headers["Retry-After"].isdigit()
             assert shed.json()["error"] == "queue_full"
@@ -155,14 +132,12 @@ def test_client_that_disconnects_while_queued_never_runs() -> None:
     with Server(KITCHEN, "--kernels", "1") as server:
         with ThreadPoolExecutor(1) as ex:
             hog = ex.submit(server.get, "/sleep?s=1.5")
-            time.sleep(0.4)
+            server.wait_pool("the first request to run", busy=1)
             sock = socket.create_connection(("127.0.0.1", server.port))
             sock.sendall(b"POST /created HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
-            time.sleep(0.3)
-            assert server.get("/readyz").json()["queued"] == 1
+            server.wait_pool("the second request to queue", queued=1)
             sock.close()
-            wait_for(lambda: server.get("/readyz").json()["queued"] == 0,
-                     what="the abandoned request to leave the queue")
+            server.wait_pool("the abandoned request to leave the queue", queued=0)
             assert hog.result().status == 200
         assert server.request("POST", "/created").json()["hits"] == 1  # the first one ran never
 
@@ -196,10 +171,8 @@ def test_failing_replacements_make_readyz_fail_and_requests_503(tmp_path: Path) 
         ready = server.get("/readyz").json()
         assert ready["status"] == "not ready"
         assert "flag file present" in " ".join(ready["failing"])
-        started = time.monotonic()
         resp = server.get("/ok")
-        assert resp.status == 503 and resp.json()["error"] == "not_ready"
-        assert time.monotonic() - started < 2  # not waiting for the deadline
+        assert resp.status == 503 and resp.json()["error"] == "not_ready"  # not a 504
         assert "failed to warm" in server.output()
         flag.unlink()  # the cause goes away: the back-off retry heals the pool
         wait_for(lambda: server.get("/readyz").status == 200, timeout=60, what="recovery")

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 
 import pytest
-from conftest import NOTEBOOKS, Server
+from conftest import NOTEBOOKS, Server, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 TOKEN = "s3cret-t0ken"
@@ -89,17 +89,16 @@ def test_slow_client_never_holds_a_kernel(guarded: Server) -> None:
     sock = socket.create_connection(("127.0.0.1", guarded.port), timeout=10)
     sock.sendall((f"POST /echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
                   "Content-Length: 100\r\n\r\nonly-part").encode())
-    time.sleep(0.3)
-    started = time.monotonic()
+    wait_for(lambda: guarded.metric("kgpool_requests_in_flight") == 1,
+             what="the slow request to be reading its body")
+    assert guarded.pool()["busy"] == 0 and guarded.pool()["queued"] == 0
     assert guarded.get("/echo", headers=bearer()).status == 200  # the one kernel is free
-    assert time.monotonic() - started < 2
-    assert guarded.get("/readyz").json()["kernels"]["busy"] == 0
     sock.close()
 
 
 def test_oversized_header_is_rejected(guarded: Server) -> None:
     resp = guarded.get("/echo", headers={**bearer(), "X-Big": "a" * 20000})
-    assert 400 <= resp.status < 500
+    assert resp.status == 400
 
 
 def test_preflight_answered_without_a_kernel(guarded: Server) -> None:
@@ -144,12 +143,13 @@ def test_no_cors_headers_unless_configured() -> None:
         assert "Access-Control-Allow-Origin" not in preflight.headers
 
 
-@pytest.mark.parametrize("method,path", [("POST", "/healthz"), ("DELETE", "/metrics"),
-                                         ("GET", "/%ff%fe"), ("PUT", "/echo")])
-def test_kgpool_errors_are_json_without_internals(guarded: Server, method: str,
-                                                  path: str) -> None:
+@pytest.mark.parametrize("method,path,status", [
+    ("POST", "/healthz", 405), ("DELETE", "/metrics", 405), ("GET", "/%ff%fe", 400),
+    ("PUT", "/echo", 405)])
+def test_kgpool_errors_are_json_without_internals(guarded: Server, method: str, path: str,
+                                                  status: int) -> None:
     resp = guarded.request(method, path, headers=bearer())
-    assert 400 <= resp.status < 500
+    assert resp.status == status
     body = resp.json()
     assert set(body) == {"error", "message", "reason"}
     assert body["reason"] == HTTPStatus(resp.status).phrase  # what Kernel Gateway's clients read

@@ -57,6 +57,11 @@ KITCHEN = [
     "# GET /loop\nwhile True:\n    pass",
     "# GET /nocontent\nprint('dropped')",
     "# ResponseInfo GET /nocontent\nprint(json.dumps({'status': 204}))",
+    # waits in the cell until n requests are in cells at once (each leaves a file in dir)
+    "# GET /meet\nargs = json.loads(REQUEST)['args']\nn, where = int(args['n'][0]), args['dir'][0]\n"
+    "open(os.path.join(where, str(os.getpid())), 'w').close()\nfor _ in range(1000):\n"
+    "    if len(os.listdir(where)) >= n:\n        break\n    time.sleep(0.01)\n"
+    "print('met' if len(os.listdir(where)) >= n else 'alone', os.getpid(), end='')",
 ]
 
 write("kitchen", KITCHEN)
@@ -171,5 +176,41 @@ write("near_misses", [
 write("staggered", [
     "import os, time\ntry:\n    os.close(os.open(os.environ['KGPOOL_TEST_FLAG'], os.O_CREAT | os.O_EXCL))\n"
     "except FileExistsError:\n    time.sleep(4)",
+    "# GET /pid\nprint(os.getpid(), end='')",
+])
+
+# ResponseInfo cells that try to break HTTP, and endpoints that misbehave: nothing may wedge,
+# desync or leak.
+write("hardening", [
+    "import json, os, sys, time",
+    "# GET /echo\nprint(REQUEST, end='')",
+    "# POST /echo\nprint(REQUEST, end='')",
+    "# GET /body-type\nprint(type(json.loads(REQUEST)['body']).__name__, end='')",
+    "# POST /body-type\nprint(type(json.loads(REQUEST)['body']).__name__, end='')",
+    "# GET /pid\nprint(os.getpid(), end='')",
+    "# GET /big\nprint('x' * int(json.loads(REQUEST)['args']['n'][0]), end='')",
+    "# GET /slow\ntime.sleep(float(json.loads(REQUEST)['args'].get('s', ['1'])[0]))\nprint('slept', end='')",
+    "# GET /loop\nwhile True:\n    pass",
+    "# GET /exit\nos._exit(7)",
+    "# GET /framing/:kind\nprint('0123456789', end='')",
+    "# ResponseInfo GET /framing/:kind\nkind = json.loads(REQUEST)['path']['kind']\n"
+    "headers = {'length': {'Content-Length': '1'}, 'chunked': {'Transfer-Encoding': 'chunked'},\n"
+    "           'close': {'Connection': 'close'}, 'upgrade': {'Upgrade': 'h2c', 'Connection': 'Upgrade'},\n"
+    "           'fine': {'X-Fine': 'yes'}}[kind]\n"
+    "print(json.dumps({'headers': headers}))",
+    "# GET /status/:code\nprint('body', end='')",
+    "# ResponseInfo GET /status/:code\nprint(json.dumps({'status': int(json.loads(REQUEST)['path']['code'])}))",
+    "# GET /header/:kind\nprint('body', end='')",
+    "# ResponseInfo GET /header/:kind\nkind = json.loads(REQUEST)['path']['kind']\n"
+    "headers = {'space': {'Bad Name': 'x'}, 'newline': {'X-A': 'a\\r\\nX-Injected: 1'},\n"
+    "           'nul': {'X-A': 'a\\x00b'}, 'list': {'X-A': ['a', 'b']}, 'colon': {'X:A': 'b'},\n"
+    "           'number': {'X-Count': 3}, 'padded': {'X-Padded': '  v  '}}[kind]\n"
+    "print(json.dumps({'headers': headers}))",
+])
+# Each kernel's warm-up writes when it starts and ends (to the file KGPOOL_TEST_FLAG names).
+write("warmup_log", [
+    "import os, time\nwith open(os.environ['KGPOOL_TEST_FLAG'], 'a') as f:\n"
+    "    f.write(f'start {os.getpid()}\\n')\ntime.sleep(0.3)\n"
+    "with open(os.environ['KGPOOL_TEST_FLAG'], 'a') as f:\n    f.write(f'end {os.getpid()}\\n')",
     "# GET /pid\nprint(os.getpid(), end='')",
 ])
