@@ -93,7 +93,7 @@ class Settings:
         "prefer the environment variable, which keeps the token out of ps", secret=True)
     metrics_auth: bool = _opt(False, "require the token on /metrics too")
     max_response_size: int = _opt(
-        32 * 1024 * 1024, "largest answer in bytes (characters of output); a cell that prints "
+        64 * 1024 * 1024, "largest answer in bytes (characters of output); a cell that prints "
         "more gets a 500 that says so, and its kernel is kept (0: no limit)")
     max_body_size: int = _opt(
         10 * 1024 * 1024, "largest request body in bytes; larger ones get 413 before a kernel "

@@ -18,6 +18,7 @@ from typing import Any
 
 from .errors import KernelDied, KernelError
 from .kernel import Kernel
+from .offload import Offload, loads
 from .outputs import ExecutionResult
 
 _HEADER = struct.Struct(">I")
@@ -29,6 +30,13 @@ def install_code(path: str, cells: list[tuple[str, str | None]]) -> str:
     return ("print(__import__('json').dumps((lambda ns: (exec(" + repr(_SOURCE) + ", ns), "
             "ns['_kgpool_direct_install'](" + repr(path) + ", " + repr(cells) + "))[1])"
             "({'get_ipython': get_ipython})), end='')")
+
+
+def call_frame(index: int, request: str) -> bytes:
+    """One call on the channel: a 4-byte length and the JSON (a helper process builds it for a
+    large request)."""
+    payload = json.dumps({"e": index, "r": request}).encode("utf-8", "surrogateescape")
+    return _HEADER.pack(len(payload)) + payload
 
 
 def _result(part: list[Any]) -> ExecutionResult:
@@ -51,23 +59,25 @@ class DirectChannel:
     """A connection to one kernel's compiled endpoints; every wait also watches the kernel."""
 
     def __init__(self, kernel: Kernel, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter, refused: dict[str, str]) -> None:
+                 writer: asyncio.StreamWriter, refused: dict[str, str],
+                 offload: Offload) -> None:
         # Not the kernel itself: callers key channels by kernel in a WeakKeyDictionary.
         self._label, self._died = kernel.label, kernel.died
         self.refused = {int(k): v for k, v in refused.items()}
         self._reader, self._writer = reader, writer
+        self._offload = offload
         self._died.add_done_callback(lambda _: self.close())
 
     @classmethod
-    async def open(cls, kernel: Kernel, path: str,
-                   cells: list[tuple[str, str | None]]) -> DirectChannel:
+    async def open(cls, kernel: Kernel, path: str, cells: list[tuple[str, str | None]],
+                   offload: Offload | None = None) -> DirectChannel:
         result = await kernel.execute(install_code(path, cells))
         if result.error is not None:
             raise KernelError(f"direct channel install failed: {result.error.get('ename')}: "
                               f"{result.error.get('evalue')}")
         refused = json.loads(result.text)
         reader, writer = await asyncio.open_unix_connection(path)
-        return cls(kernel, reader, writer, refused)
+        return cls(kernel, reader, writer, refused, offload or Offload())
 
     def serves(self, index: int) -> bool:
         return index not in self.refused
@@ -77,8 +87,7 @@ class DirectChannel:
         """Run endpoint `index` with REQUEST bound: (endpoint result, ResponseInfo result).
         A reply far past `limit` characters is skipped unread (escaping inflates it at most
         6-fold), so it never has to be held whole."""
-        payload = json.dumps({"e": index, "r": request}).encode("utf-8", "surrogateescape")
-        self._writer.write(_HEADER.pack(len(payload)) + payload)
+        self._writer.write(await self._offload.run(len(request), call_frame, index, request))
         reply = asyncio.ensure_future(self._read(6 * limit + 65536 if limit else 0))
         died = self._died
         waits: list[asyncio.Future[Any]] = [reply, died]
@@ -111,7 +120,8 @@ class DirectChannel:
             while left:
                 left -= len(await self._reader.readexactly(min(left, 1 << 20)))
             return int(size)
-        return json.loads(await self._reader.readexactly(size))  # type: ignore[no-any-return]
+        data = await self._reader.readexactly(size)
+        return await self._offload.run(size, loads, data)  # type: ignore[no-any-return]
 
     def close(self) -> None:
         if not self._writer.is_closing():

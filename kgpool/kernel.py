@@ -16,8 +16,9 @@ import zmq.asyncio
 from jupyter_client.manager import AsyncKernelManager
 
 from .errors import KernelDied, KernelError
+from .offload import Offload
 from .outputs import ExecutionResult
-from .wire import Wire
+from .wire import Wire, encode_content, reply_of
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class Kernel:
     def __init__(self, kernel_name: str, *, context: zmq.asyncio.Context,
                  label: str = "kernel", on_death: Callable[[Kernel], None] | None = None,
                  cwd: str | None = None, ipc_dir: str | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, offload: Offload | None = None) -> None:
         self.kernel_name = kernel_name
         self.label = label
         self._context = context
@@ -59,6 +60,8 @@ class Kernel:
         self._cwd = cwd
         self._ipc_dir = ipc_dir
         self._env = env
+        self._offload = offload or Offload()
+        self._key, self._scheme = b"", "hmac-sha256"
         self._km: AsyncKernelManager | None = None
         self._wire: Wire | None = None
         self._shell: Any = None
@@ -101,6 +104,7 @@ class Kernel:
         session = self._km.session
         self._wire = Wire(session.key, session.session, session.username,
                           session.signature_scheme)
+        self._key, self._scheme = session.key, session.signature_scheme
         self._shell = self._km.connect_shell()
         self._iopub = self._km.connect_iopub()
         self._readers = [asyncio.create_task(self._read_iopub(), name=f"{self.label}-iopub"),
@@ -226,18 +230,21 @@ class Kernel:
 
     # ----- execution --------------------------------------------------------------------
 
-    async def execute(self, code: str, *, silent: bool = False,
-                      limit: int = 0) -> ExecutionResult:
+    async def execute(self, code: str, *, silent: bool = False, limit: int = 0,
+                      content: bytes | None = None) -> ExecutionResult:
         """Run code; the result arrives when the kernel goes idle. Raises KernelDied at once.
-        Output past `limit` characters is counted, not kept."""
+        Output past `limit` characters is counted, not kept. A large request comes as its
+        `content` already encoded (execute_content, in a helper process)."""
         if self._died.done():
             raise self._died.result()
         if self._pending is not None:
             raise KernelError(f"{self.label} is already running code")
         assert self._wire is not None
-        msg_id, frames = self._wire.request("execute_request", {
-            "code": code, "silent": silent, "store_history": False,
-            "user_expressions": {}, "allow_stdin": False, "stop_on_error": True})
+        if content is not None:
+            msg_id, frames = await self._wire.request_large("execute_request", content)
+        else:
+            msg_id, frames = self._wire.request_encoded("execute_request",
+                                                        execute_content(code, silent))
         waiter = self._expect(msg_id, limit)
         await self._shell.send_multipart(frames, copy=False)
         try:
@@ -258,12 +265,17 @@ class Kernel:
             pending = self._pending
             if pending is None:
                 continue
+            size = sum(map(len, frames))
             try:
-                found = wire.reply_to(frames, pending[0].encode())
+                if size < self._offload.threshold:
+                    found = wire.reply_to(frames, pending[0].encode())
+                else:  # a large output: checked and parsed off the event loop
+                    found = await self._offload.run(size, reply_of, self._key, self._scheme,
+                                                    frames, pending[0].encode())
             except (ValueError, KeyError, TypeError):  # malformed: never stop the reader
                 log.warning("%s: dropped an unreadable iopub message", self.label)
                 continue
-            if found is None:
+            if found is None or pending is not self._pending:
                 continue
             result = pending[1]
             result.feed(*found)
@@ -274,3 +286,11 @@ class Kernel:
         # Replies are drained so they never pile up; iopub's idle status ends an execution.
         while True:
             await self._shell.recv_multipart(copy=False)
+
+
+def execute_content(code: str, silent: bool = False) -> bytes:
+    """An execute_request's content, encoded (a plain function: a helper process runs it for
+    large code)."""
+    return encode_content({"code": code, "silent": silent, "store_history": False,
+                           "user_expressions": {}, "allow_stdin": False,
+                           "stop_on_error": True})

@@ -33,3 +33,13 @@ def bind_request(language: str, request: str) -> str:
     if language == "r":
         return f"REQUEST <- {json.dumps(request, ensure_ascii=False)}\n"
     return f"REQUEST = {json.dumps(request)}\n"
+
+
+def bind_request_from_file(language: str, path: str) -> str | None:
+    """Code that sets REQUEST to the text of a file, for requests too large to send as code
+    (ipykernel hashes every cell's code in pure Python: ~0.3 s per MB); None if the language
+    has no such binding yet."""
+    if language == "python":
+        return (f"REQUEST = open({path!r}, encoding='utf-8', errors='surrogateescape')"
+                ".read()\n")
+    return None

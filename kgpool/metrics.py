@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import platform
 from collections.abc import Callable, Iterator, Mapping
 
@@ -22,6 +23,7 @@ from . import __version__
 from .pool import PoolStatus
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_LAG = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _STARTUP = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 RESTART_REASONS = ("crash", "timeout", "recycle", "init_failed", "reload", "cancelled")
 REJECT_REASONS = ("queue_full", "draining", "not_ready")
@@ -94,6 +96,10 @@ class Metrics:
         self.init = Histogram("kgpool_init_duration_seconds",
                               "Time a kernel spent running the init cells.", ["notebook"],
                               buckets=_STARTUP, registry=registry)
+        self.loop_lag = Histogram("kgpool_event_loop_lag_seconds",
+                                  "How late the event loop ran a timer: time it spent on one "
+                                  "piece of work, during which nothing else was answered.",
+                                  buckets=_LAG, registry=registry)
         info = Gauge("kgpool_build_info", "kgpool build information.",
                      ["version", "python"], registry=registry)
         info.labels(__version__, platform.python_version()).set(1)
@@ -103,6 +109,14 @@ class Metrics:
             ProcessCollector(registry=registry)
             PlatformCollector(registry=registry)
             GCCollector(registry=registry)
+
+    async def probe_loop(self, interval: float = 0.02) -> None:
+        """Measure, forever, how late the loop wakes from a short sleep (its lag)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            start = loop.time()
+            await asyncio.sleep(interval)
+            self.loop_lag.observe(max(0.0, loop.time() - start - interval))
 
     def watch_pools(self, source: StatusSource) -> None:
         self._source = source

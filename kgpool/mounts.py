@@ -15,6 +15,7 @@ from .config import Settings
 from .errors import ConfigError, KgpoolError
 from .metrics import Metrics
 from .notebook import Notebook, load_notebook
+from .offload import Offload
 from .pool import PoolStatus
 from .routes import Route, Router
 from .service import NotebookService
@@ -93,12 +94,13 @@ class Mount:
     """One notebook under its prefix: its service, and reloads of its file."""
 
     def __init__(self, spec: MountSpec, settings: Settings, metrics: Metrics,
-                 warmups: asyncio.Semaphore) -> None:
+                 warmups: asyncio.Semaphore, offload: Offload) -> None:
         self.spec = spec
         self.name, self.prefix = spec.name, spec.prefix
         self._settings = settings
         self.service = NotebookService(self._load(), settings, metrics.for_notebook(spec.name),
-                                       path=spec.path, kernels=spec.kernels, warmups=warmups)
+                                       path=spec.path, kernels=spec.kernels, warmups=warmups,
+                                       offload=offload)
         self.reload_error: str | None = None
         self._stamp = _stamp(spec.path)
         self._lock = asyncio.Lock()
@@ -164,9 +166,10 @@ class Mounts:
         self._draining = False
         # warm-ups across every pool: a crash loop on a small pod must not start them all
         warmups = asyncio.Semaphore(settings.warmup_limit)
+        self.offload = Offload()  # one helper process for every notebook's large messages
         self.all: list[Mount] = []
         for spec in specs:
-            mount = Mount(spec, settings, metrics, warmups)
+            mount = Mount(spec, settings, metrics, warmups, self.offload)
             self.check_clashes(mount, mount.service.notebook)
             self.all.append(mount)
         self._by_prefix = sorted(self.all, key=lambda m: len(m.prefix), reverse=True)
@@ -252,6 +255,7 @@ class Mounts:
         self._draining = True
         await self._stop_reloads()
         await asyncio.gather(*(m.service.close() for m in self.all))
+        self.offload.close()
 
     async def _stop_reloads(self) -> None:
         for task in list(self._reloads):

@@ -4,6 +4,7 @@ per request covers all phases."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -30,10 +31,11 @@ from .errors import (
     ResponseInfoError,
     ResponseTooLarge,
 )
-from .kernel import Kernel
-from .languages import bind_request
+from .kernel import Kernel, execute_content
+from .languages import bind_request, bind_request_from_file
 from .metrics import NotebookMetrics
 from .notebook import Endpoint, Notebook
+from .offload import Offload
 from .outputs import ExecutionResult
 from .pool import Accepts, KernelPool, Lease, PoolStatus
 from .replies import Reply, build_reply
@@ -64,6 +66,7 @@ _kgpool_setup(%r)
 del _kgpool_setup
 """
 Key = tuple[str, str]  # (method, path template): an endpoint in any version of the notebook
+LARGE = 64 * 1024  # characters of REQUEST past which a kernel reads it from a file
 
 
 @dataclass
@@ -93,8 +96,10 @@ class Version:
 class NotebookService:
     def __init__(self, notebook: Notebook, settings: Settings, metrics: NotebookMetrics, *,
                  path: Path | None = None, kernels: int | None = None,
-                 warmups: asyncio.Semaphore | None = None) -> None:
+                 warmups: asyncio.Semaphore | None = None,
+                 offload: Offload | None = None) -> None:
         self.settings = settings
+        self._offload = offload or Offload()
         self.metrics = metrics
         self._cwd = str(path.resolve().parent) if path is not None else None
         # Kernel Gateway's notebooks tell "served" from "run by hand" by KERNEL_GATEWAY=1.
@@ -191,7 +196,7 @@ class NotebookService:
         version = self._versions[number]
         kernel = Kernel(self.kernel_name(version.notebook), context=self._context,
                         label=f"slot {slot}", on_death=on_death, cwd=self._cwd,
-                        ipc_dir=self._ipc_dir, env=self._env)
+                        ipc_dir=self._ipc_dir, env=self._env, offload=self._offload)
         cell = None
         try:
             async with asyncio.timeout(self.settings.init_timeout):
@@ -231,7 +236,7 @@ class NotebookService:
         path = os.path.join(self._ipc_dir, f"d{uuid.uuid4().hex[:12]}.sock")
         cells = [(ep.source, ep.response_source) for ep in version.notebook.endpoints]
         try:
-            channel = await DirectChannel.open(kernel, path, cells)
+            channel = await DirectChannel.open(kernel, path, cells, self._offload)
         except (KernelError, OSError, ValueError) as exc:
             log.warning("%s: direct channel unavailable, using the Jupyter channel: %s",
                         kernel.label, exc)
@@ -256,7 +261,8 @@ class NotebookService:
         timeout = self.settings.request_timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout if timeout else None
-        document = request_document(request)  # before a kernel is leased: it may fail
+        # before a kernel is leased (it may fail), and off the event loop if it is large
+        document = await self._offload.run(len(request.body), request_document, request)
         key = (endpoint.method, endpoint.path)
         queued = loop.time()
         try:
@@ -285,8 +291,22 @@ class NotebookService:
         channel = self._direct.get(kernel)
         if channel is not None and channel.serves(index):
             return await channel.call(index, request, limit)
-        code = bind_request(version.notebook.language, request) + endpoint.source
-        result = await kernel.execute(code, limit=limit)
+        language = version.notebook.language
+        assert self._ipc_dir is not None
+        spill = os.path.join(self._ipc_dir, f"request-{uuid.uuid4().hex[:12]}")
+        by_file = bind_request_from_file(language, spill) if len(request) > LARGE else None
+        try:
+            if by_file is None:
+                code = bind_request(language, request) + endpoint.source
+                content = await self._offload.run(len(code), execute_content, code)
+            else:  # too large to be cell code: the kernel reads it from kgpool's 0700 folder
+                await self._offload.run(len(request), write_text, spill, request)
+                content = execute_content(by_file + endpoint.source)
+            result = await kernel.execute("", content=content, limit=limit)
+        finally:
+            if by_file is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(spill)
         if result.error is not None or endpoint.response_source is None:
             return result, None
         return result, await kernel.execute(endpoint.response_source, limit=limit)
@@ -315,3 +335,9 @@ class NotebookService:
         finally:
             self.pool.release(lease, outcome)
             self.metrics.executed(key[1], time.monotonic() - started)
+
+
+def write_text(path: str, text: str) -> None:
+    """A request's document, for the kernel to read (in a helper process when large)."""
+    with open(path, "w", encoding="utf-8", errors="surrogateescape") as out:
+        out.write(text)

@@ -131,14 +131,20 @@ class NotebookHandler:
             return error_response(status, error, message, headers)
         if request.method == "GET" and reply.status == 200 and \
                 not any(name.lower() == "etag" for name in reply.headers):
-            return _with_etag(request, reply.headers, reply.body)
+            return await _with_etag(request, reply.headers, reply.body)
         return web.Response(status=reply.status, headers=reply.headers, body=reply.body)
 
 
-def _with_etag(request: web.Request, headers: dict[str, str], body: bytes) -> web.Response:
+async def _with_etag(request: web.Request, headers: dict[str, str],
+                     body: bytes) -> web.Response:
     """Kernel Gateway's (tornado's) validator on a GET 200 that set none: an Etag of the body,
     and 304 without it when the client's If-None-Match already has that one."""
-    etag = f'"{hashlib.sha1(body, usedforsecurity=False).hexdigest()}"'
+    digest = hashlib.sha1(usedforsecurity=False)
+    if len(body) < 1 << 20:
+        digest.update(body)
+    else:  # hashlib lets go of the GIL: a large body is hashed beside the event loop
+        await asyncio.to_thread(digest.update, body)
+    etag = f'"{digest.hexdigest()}"'
     given = request.headers.get("If-None-Match", "")
     if given and (given.strip() == "*" or etag in
                   {tag.strip().removeprefix("W/") for tag in given.split(",")}):
@@ -268,7 +274,9 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     async def pools(app: web.Application) -> Any:
         mounts.begin()
         watcher = asyncio.ensure_future(mounts.watch()) if settings.reload else None
+        probe = asyncio.ensure_future(metrics.probe_loop())
         yield
+        probe.cancel()
         if watcher is not None:
             watcher.cancel()
         await mounts.close()

@@ -4,6 +4,7 @@ about a millisecond of server CPU (date parsing, deep copies), which this avoids
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -33,13 +34,24 @@ class Wire:
 
     def request(self, msg_type: str, content: dict[str, Any]) -> tuple[str, list[bytes]]:
         """(msg_id, frames) for a new request message."""
+        return self.request_encoded(msg_type, encode_content(content))
+
+    def request_encoded(self, msg_type: str, content: bytes) -> tuple[str, list[bytes]]:
+        """(msg_id, frames) for a request whose content is JSON already (encode_content)."""
+        msg_id, parts = self._parts(msg_type, content)
+        return msg_id, [DELIM, self.sign(parts), *parts]
+
+    def _parts(self, msg_type: str, content: bytes) -> tuple[str, list[bytes]]:
         msg_id = uuid.uuid4().hex
         header = {"msg_id": msg_id, "msg_type": msg_type, "username": self._username,
                   "session": self._session, "date": datetime.now(UTC).isoformat(),
                   "version": PROTOCOL_VERSION}
-        parts = [json.dumps(header).encode(), b"{}", b"{}",
-                 json.dumps(content, ensure_ascii=False).encode("utf-8", "surrogateescape")]
-        return msg_id, [DELIM, self.sign(parts), *parts]
+        return msg_id, [json.dumps(header).encode(), b"{}", b"{}", content]
+
+    async def request_large(self, msg_type: str, content: bytes) -> tuple[str, list[bytes]]:
+        """request_encoded, signing in a thread: HMAC lets go of the GIL on large input."""
+        msg_id, parts = self._parts(msg_type, content)
+        return msg_id, [DELIM, await asyncio.to_thread(self.sign, parts), *parts]
 
     def reply_to(self, frames: list[bytes], msg_id: bytes) -> tuple[str, dict[str, Any]] | None:
         """(msg_type, content) if this message answers msg_id and is signed; else None."""
@@ -60,3 +72,13 @@ class Wire:
         msg_type = json.loads(header)["msg_type"]
         # ipykernel encodes lone surrogates with surrogateescape; decode them back the same way
         return msg_type, json.loads(content.decode("utf-8", "surrogateescape"))
+
+
+def encode_content(content: dict[str, Any]) -> bytes:
+    return json.dumps(content, ensure_ascii=False).encode("utf-8", "surrogateescape")
+
+
+def reply_of(key: bytes, scheme: str, frames: list[bytes],
+             msg_id: bytes) -> tuple[str, dict[str, Any]] | None:
+    """Wire.reply_to as a plain function, for a helper process (kgpool.offload)."""
+    return Wire(key, "", "", scheme).reply_to(frames, msg_id)

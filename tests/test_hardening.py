@@ -316,3 +316,35 @@ def test_no_reload_once_stopping(tmp_path: Path) -> None:
     finally:
         assert server.stop() == 0
     assert "warming the new version" not in server.output()
+
+
+# ----- a large request never stalls the event loop -------------------------------------------
+
+def lag_over(server: Server, seconds: float) -> float:
+    """How many event-loop lag observations exceeded `seconds` (kgpool's own probe), from one
+    scrape (the probe keeps observing)."""
+    samples = {}
+    for line in server.get("/metrics").text.splitlines():
+        if line.startswith("kgpool_event_loop_lag_seconds_"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    within = samples[f'kgpool_event_loop_lag_seconds_bucket{{le="{seconds}"}}']
+    return samples["kgpool_event_loop_lag_seconds_count"] - within
+
+
+def test_a_large_request_does_not_stall_the_event_loop(hard: Server) -> None:
+    body = os.urandom(10 * 1024 * 1024)  # every byte >= 0x80 becomes a 6-character escape
+    before = lag_over(hard, 0.25)
+    with ThreadPoolExecutor(1) as ex:
+        big = ex.submit(hard.request, "POST", "/echo", body=body,
+                        headers={"Content-Type": "application/octet-stream"}, timeout=60)
+        probes = 0
+        while not big.done():  # the server keeps answering others all along
+            assert hard.get("/healthz", timeout=5).status == 200
+            probes += 1
+        resp = big.result()
+    assert resp.status == 200 and len(resp.body) > 30 * 1024 * 1024
+    assert json.loads(resp.body)["body"].encode("utf-8", "surrogateescape") == body
+    assert probes > 0
+    assert lag_over(hard, 0.25) == before  # no piece of work held the loop past 250 ms
+    assert_whole(hard)
