@@ -23,6 +23,7 @@ from .config import Settings
 from .direct import DirectChannel
 from .errors import (
     ConfigError,
+    EndpointRemoved,
     ExecutionError,
     ExecutionTimeout,
     InitError,
@@ -249,10 +250,12 @@ class NotebookService:
     # ----- requests ------------------------------------------------------------------------
 
     def _accepts(self, key: Key) -> Accepts | None:
-        """Which versions' kernels can run `key`: all of them, unless a reload changed it."""
-        if len(self._versions) == 1:
-            return None
-        return lambda number: number in self._versions and key in self._versions[number].endpoints
+        """Which versions' kernels can run `key`: all of them (None), unless a reload changed
+        it; EndpointRemoved if none can (a reload removed it while the request was read)."""
+        having = {n for n, version in self._versions.items() if key in version.endpoints}
+        if not having:
+            raise EndpointRemoved("a reload removed this endpoint")
+        return None if len(having) == len(self._versions) else having.__contains__
 
     async def call(self, endpoint: Endpoint, request: RequestData,
                    info: CallInfo | None = None) -> Reply:

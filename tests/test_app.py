@@ -28,8 +28,10 @@ async def make_client(aiohttp_client: ClientFactory, registry: CollectorRegistry
 
 
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    """A sample's value; a series that does not exist fails the test (it is not a zero)."""
     value = registry.get_sample_value(name, labels)
-    return 0.0 if value is None else value
+    assert value is not None, f"no series {name}{labels}"
+    return value
 
 
 async def test_counters_are_exact(aiohttp_client: ClientFactory) -> None:
