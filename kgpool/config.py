@@ -40,6 +40,14 @@ class Settings:
         0, "at start-up, /readyz turns 200 (and requests start being served) once this many "
         "kernels of each pool are warm; 0 means all of them")
     kernels_for: str = _opt("", "per-notebook kernel counts, NAME=N[,NAME=N...]")
+    max_kernels: int = _opt(
+        0, "let each pool grow up to this many kernels while requests wait, and shrink back "
+        "to --kernels when idle (0: a fixed pool of --kernels)")
+    scale_up_delay: float = _opt(
+        0.1, "seconds a request waits for a kernel before the pool grows (so one spike does "
+        "not start a crowd)")
+    idle_timeout: float = _opt(
+        60.0, "seconds a kernel beyond --kernels may stay idle before it retires")
     host: str = _opt("127.0.0.1", "address to listen on; * (or 0.0.0.0) for every interface")
     port: int = _opt(8888, "TCP port to listen on")
     kernel_name: str = _opt(
@@ -128,11 +136,14 @@ class Settings:
         if self.allow_credentials and "*" in self.origins:
             raise ConfigError("--allow-credentials needs explicit origins, not *")
         for name in ("timeout", "shutdown_timeout", "max_queue", "max_requests",
-                     "max_response_size", "warmup_concurrency",
+                     "max_response_size", "warmup_concurrency", "max_kernels",
+                     "scale_up_delay",
                      "max_requests_jitter", "max_age"):
             if getattr(self, name) < 0:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} must not be negative, not {getattr(self, name)}")
+        if self.idle_timeout <= 0:
+            raise ConfigError(f"--idle-timeout must be positive, not {self.idle_timeout}")
         if self.init_timeout <= 0:
             raise ConfigError(f"--init-timeout must be positive, not {self.init_timeout}")
         if self.channel not in CHANNELS:

@@ -52,16 +52,23 @@ class _PoolCollector(Collector):
                                      labels=["notebook"])
         kernels = GaugeMetricFamily("kgpool_kernels", "Kernels by state.",
                                     labels=["notebook", "state"])
-        desired = GaugeMetricFamily("kgpool_kernels_desired", "Kernels the pool keeps warm.",
+        desired = GaugeMetricFamily("kgpool_kernels_desired", "Kernels the pool is heading "
+                                    "for (between its floor and its ceiling).",
                                     labels=["notebook"])
+        floor = GaugeMetricFamily("kgpool_kernels_min", "Kernels kept warm whatever the "
+                                  "traffic (--kernels).", labels=["notebook"])
+        ceiling = GaugeMetricFamily("kgpool_kernels_max", "Kernels the pool may grow to "
+                                    "(--max-kernels).", labels=["notebook"])
         for name, statuses in source().items():
             live = [s for s in statuses if not s.draining] or statuses[:1]
             depth.add_metric([name], sum(s.queued for s in statuses))
             capacity.add_metric([name], sum(s.capacity for s in live))
             desired.add_metric([name], sum(s.desired for s in live))
+            floor.add_metric([name], sum(s.floor for s in live))
+            ceiling.add_metric([name], sum(s.ceiling for s in live))
             for state in ("starting", "idle", "busy", "stopping"):
                 kernels.add_metric([name, state], sum(getattr(s, state) for s in statuses))
-        yield from (depth, capacity, kernels, desired)
+        yield from (depth, capacity, kernels, desired, floor, ceiling)
 
 
 class Metrics:
@@ -87,6 +94,10 @@ class Metrics:
                                 ["notebook", "reason"], registry=registry)
         self.restarts = Counter("kgpool_kernel_restarts", "Kernels replaced, by reason.",
                                 ["notebook", "reason"], registry=registry)
+        self.resizes = Counter("kgpool_pool_resizes", "Kernels added to or retired from an "
+                               "elastic pool, by direction (up, down) and reason (queue: "
+                               "requests waited; idle: nothing to do).",
+                               ["notebook", "direction", "reason"], registry=registry)
         self.exits = Counter("kgpool_kernel_exits", "Kernels that exited on their own, by exit "
                              "status (signal 9 (SIGKILL) is often the out-of-memory killer).",
                              ["notebook", "status"], registry=registry)
@@ -140,12 +151,17 @@ class NotebookMetrics:
             metrics.restarts.labels(name, reason)
         for reason in REJECT_REASONS:
             metrics.rejected.labels(name, reason)
+        for direction, reason in (("up", "queue"), ("down", "idle")):
+            metrics.resizes.labels(name, direction, reason)
 
     def kernel_restarted(self, reason: str) -> None:
         self._m.restarts.labels(self.name, reason).inc()
 
     def kernel_exited(self, status: str) -> None:
         self._m.exits.labels(self.name, status).inc()
+
+    def pool_resized(self, direction: str, reason: str) -> None:
+        self._m.resizes.labels(self.name, direction, reason).inc()
 
     def queue_waited(self, seconds: float) -> None:
         self._m.queue_wait.labels(self.name).observe(seconds)

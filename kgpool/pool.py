@@ -47,12 +47,14 @@ class PoolListener(Protocol):
     def kernel_restarted(self, reason: str) -> None: ...
     def kernel_exited(self, status: str) -> None: ...
     def queue_waited(self, seconds: float) -> None: ...
+    def pool_resized(self, direction: str, reason: str) -> None: ...
 
 
 class _Quiet:
     def kernel_restarted(self, reason: str) -> None: pass
     def kernel_exited(self, status: str) -> None: pass
     def queue_waited(self, seconds: float) -> None: pass
+    def pool_resized(self, direction: str, reason: str) -> None: pass
 
 
 @dataclass(eq=False)
@@ -68,6 +70,7 @@ class Lease:
     dead: bool = False  # its process exited while it was lent
     stopped: bool = False
     gone: asyncio.Event = field(default_factory=asyncio.Event)  # set once it is stopped
+    idle_since: float = 0.0
 
 
 @dataclass(eq=False)
@@ -81,25 +84,34 @@ class _Waiter:
 
 @dataclass(frozen=True)
 class PoolStatus:
-    desired: int
+    desired: int  # kernels the pool is heading for, between floor and ceiling
     starting: int
     idle: int
     busy: int
     stopping: int
     queued: int
-    capacity: int
+    capacity: int  # of the queue
     draining: bool
     failing: tuple[str, ...]
     rolling: bool = False
+    floor: int = 0
+    ceiling: int = 0
 
 
 class KernelPool:
     def __init__(self, factory: KernelFactory, size: int, *, max_queue: int,
                  max_requests: int = 0, max_requests_jitter: int = 0, ready_size: int = 0,
                  version: int = 1, warmups: asyncio.Semaphore | None = None,
+                 max_size: int = 0, grow_delay: float = 0.1, idle_timeout: float = 60.0,
                  listener: PoolListener | None = None) -> None:
         self._factory = factory
-        self.size = size
+        self.size = size  # the floor: kernels kept warm whatever the traffic
+        # Elastic: while requests wait longer than grow_delay, more kernels are warmed, up to
+        # max_size; one idle for idle_timeout beyond the floor retires.
+        self.max_size = max(max_size, size)
+        self.grow_delay, self.idle_timeout = grow_delay, idle_timeout
+        self._grow_timer: asyncio.TimerHandle | None = None
+        self._reaper: asyncio.Task[None] | None = None
         self.max_queue = max_queue
         # At start-up the pool opens (hands out kernels, says ready) once this many are warm,
         # so that the first requests spread over all of them, as Kernel Gateway's do.
@@ -124,10 +136,11 @@ class KernelPool:
     # ----- state -------------------------------------------------------------------------
 
     def status(self) -> PoolStatus:
-        return PoolStatus(self.size, len(self._starting), len(self._idle), len(self._busy),
-                          self._stopping, len(self._waiters), self.max_queue,
+        desired = max(self.size, len(self._idle) + len(self._busy) + len(self._starting))
+        return PoolStatus(min(desired, self.max_size), len(self._starting), len(self._idle),
+                          len(self._busy), self._stopping, len(self._waiters), self.max_queue,
                           self._draining or self._closed, tuple(self._failing.values()),
-                          self._rolling)
+                          self._rolling, self.size, self.max_size)
 
     @property
     def ready(self) -> bool:
@@ -153,6 +166,8 @@ class KernelPool:
             await self.close()
             raise
         self._started = True
+        if self.max_size > self.size:
+            self._reaper = asyncio.ensure_future(self._retire_idle_extras())
         log.info("pool warm: %d kernel(s) in %.2fs", self.size, time.monotonic() - started)
 
     async def _start_slot(self, slot: int) -> None:
@@ -171,6 +186,10 @@ class KernelPool:
     async def close(self) -> None:
         """Stop everything now: fail waiters, cancel warm-ups, shut down every kernel."""
         self._closed = True
+        if self._grow_timer is not None:
+            self._grow_timer.cancel()
+        if self._reaper is not None:
+            self._reaper.cancel()
         self._fail_waiters(PoolClosed("kgpool is shutting down"))
         for task in list(self._starting):
             task.cancel()
@@ -203,6 +222,7 @@ class KernelPool:
         if len(self._waiters) >= self.max_queue:
             raise QueueFull(f"{len(self._waiters)} request(s) already waiting for a kernel")
         self._waiters.append(waiter)
+        self._schedule_growth()
         queued_at = time.monotonic()
         try:
             async with asyncio.timeout_at(deadline):
@@ -265,6 +285,7 @@ class KernelPool:
                     self._waiters.remove(waiter)
                     waiter.future.set_result(lease)
                     return
+        lease.idle_since = time.monotonic()
         self._idle.append(lease)
         if not self._opened and len(self._idle) + len(self._busy) >= self.ready_size:
             self._opened = True
@@ -324,6 +345,9 @@ class KernelPool:
             self._stop(lease)
         if lease.retiring and self._warming(lease.slot):
             return  # a replacement for this slot is already warming
+        if reason != "recycle" and not self._waiters and \
+                len(self.members()) + len(self._starting) >= self.size:
+            return  # one of the extra kernels: demand warms another if it comes back
         self._start_replacement(lease.slot, reason, delay=delay)
 
     def _crash_delay(self) -> float:
@@ -437,6 +461,59 @@ class KernelPool:
         finally:
             self._stopping -= 1
             lease.gone.set()
+
+    # ----- elastic size --------------------------------------------------------------------
+
+    def _schedule_growth(self) -> None:
+        if self.max_size > self.size and self._grow_timer is None and self._opened:
+            self._grow_timer = asyncio.get_running_loop().call_later(self.grow_delay,
+                                                                     self._grow)
+
+    def _grow(self) -> None:
+        """Requests waited past grow_delay: warm a kernel for each waiter that no kernel
+        already warming will take, as far as the ceiling allows."""
+        self._grow_timer = None
+        if self._closed or self._draining:
+            return
+        waiting = sum(1 for waiter in self._waiters if not waiter.future.done())
+        room = self.max_size - len(self.members()) - len(self._starting)
+        for _ in range(max(0, min(waiting - len(self._starting), room))):
+            slot = self._free_slot()
+            self._listener.pool_resized("up", "queue")
+            log.info("growing the pool: slot %d for %d waiting request(s)", slot, waiting)
+            self._track_start(slot, "scale_up", self._warm_extra(slot))
+
+    async def _warm_extra(self, slot: int) -> None:
+        try:
+            lease = await self._spawn(slot, self.version)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # no retry: the floor's supervision keeps the pool alive
+            log.error("extra kernel slot %d failed to warm: %s", slot, exc)
+            return
+        self._hand_out(lease)
+        if self._waiters:
+            self._schedule_growth()
+
+    def _free_slot(self) -> int:
+        used = {lease.slot for lease in self.members()} | \
+            {slot for slot, _ in self._starting.values()}
+        return next(n for n in range(len(used) + 1) if n not in used)
+
+    async def _retire_idle_extras(self) -> None:
+        """Kernels beyond the floor that stayed idle for idle_timeout retire, longest first."""
+        while True:
+            await asyncio.sleep(min(self.idle_timeout / 2, 5.0))
+            excess = len(self.members()) - self.size
+            now = time.monotonic()
+            for lease in sorted(self._idle, key=lambda m: m.idle_since):
+                if excess <= 0 or now - lease.idle_since < self.idle_timeout:
+                    break
+                log.info("shrinking the pool: slot %d idle for %.0fs", lease.slot,
+                         now - lease.idle_since)
+                self._listener.pool_resized("down", "idle")
+                self._stop(lease)
+                excess -= 1
 
     # ----- reload ------------------------------------------------------------------------
 

@@ -97,7 +97,7 @@ class Version:
 class NotebookService:
     def __init__(self, notebook: Notebook, settings: Settings, metrics: NotebookMetrics, *,
                  path: Path | None = None, kernels: int | None = None,
-                 warmups: asyncio.Semaphore | None = None,
+                 max_kernels: int | None = None, warmups: asyncio.Semaphore | None = None,
                  offload: Offload | None = None) -> None:
         self.settings = settings
         self._offload = offload or Offload()
@@ -112,7 +112,9 @@ class NotebookService:
                                max_requests=settings.max_requests,
                                max_requests_jitter=settings.max_requests_jitter,
                                ready_size=settings.ready_kernels, version=1, warmups=warmups,
-                               listener=metrics)
+                               max_size=max_kernels or settings.max_kernels,
+                               grow_delay=settings.scale_up_delay,
+                               idle_timeout=settings.idle_timeout, listener=metrics)
         self._direct: weakref.WeakKeyDictionary[Kernel, DirectChannel] = \
             weakref.WeakKeyDictionary()
         self._context: zmq.asyncio.Context | None = None

@@ -90,6 +90,7 @@ class Events:
         self.restarts: list[str] = []
         self.exits: list[str] = []
         self.waits: list[float] = []
+        self.resizes: list[tuple[str, str]] = []
 
     def kernel_restarted(self, reason: str) -> None:
         self.restarts.append(reason)
@@ -99,6 +100,9 @@ class Events:
 
     def queue_waited(self, seconds: float) -> None:
         self.waits.append(seconds)
+
+    def pool_resized(self, direction: str, reason: str) -> None:
+        self.resizes.append((direction, reason))
 
 
 def make(size: int = 2, **kw: Any) -> tuple[KernelPool, Factory, Events]:
@@ -381,3 +385,61 @@ def test_leases_compare_by_identity() -> None:
     a = Lease(FakeKernel(1, 0, print), 0, 1, 0)  # type: ignore[arg-type]
     b = Lease(a.kernel, 0, 1, 0)
     assert a != b and len({a, b}) == 2
+
+
+async def eventually(condition: Callable[[], bool], what: str = "condition") -> None:
+    """For timer-driven behaviour (growth delay, idle timeout): poll the loop for up to 5 s."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"never happened: {what}")
+
+
+async def test_an_elastic_pool_grows_while_requests_wait_and_shrinks_when_idle() -> None:
+    pool, factory, events = make(1, max_size=3, grow_delay=0.01, idle_timeout=0.1)
+    await pool.start()
+    held = [await pool.acquire()]
+    waiting = [asyncio.create_task(pool.acquire()) for _ in range(4)]  # 4 wait, room for 2
+    await eventually(lambda: len(factory.made) == 3, "growth to the ceiling")
+    assert pool.status().desired == 3 and pool.status().ceiling == 3
+    await until(lambda: sum(w.done() for w in waiting) == 2)
+    assert len(factory.made) == 3  # never past the ceiling
+    for lease in held + [w.result() for w in waiting if w.done()]:
+        pool.release(lease)
+    for task in waiting:
+        if not task.done():
+            pool.release(await task)
+    await eventually(lambda: len(pool.members()) == 1, "shrink back to the floor")
+    assert events.resizes == [("up", "queue")] * 2 + [("down", "idle")] * 2
+    assert "scale_up" not in events.restarts  # growing is not restarting
+    assert pool.status().desired == 1
+    await pool.close()
+
+
+async def test_one_short_wait_does_not_grow_the_pool() -> None:
+    pool, factory, _ = make(1, max_size=4, grow_delay=3600)
+    await pool.start()
+    held = await pool.acquire()
+    waiter = asyncio.create_task(pool.acquire())
+    await until(lambda: pool.status().queued == 1)
+    pool.release(held)  # served before the growth delay passed
+    pool.release(await waiter)
+    assert len(factory.made) == 1
+    await pool.close()
+
+
+async def test_an_extra_kernel_that_crashes_is_not_replaced_without_demand() -> None:
+    pool, factory, _ = make(1, max_size=2, grow_delay=0.01, idle_timeout=3600)
+    await pool.start()
+    held = await pool.acquire()
+    waiter = asyncio.create_task(pool.acquire())
+    extra = await waiter
+    assert len(factory.made) == 2
+    pool.release(held)
+    extra.kernel.die(1)
+    pool.release(extra, "crash")
+    for _ in range(100):
+        await asyncio.sleep(0)
+    assert len(factory.made) == 2 and len(pool.members()) == 1  # back to the floor
+    await pool.close()
