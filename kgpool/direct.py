@@ -3,8 +3,10 @@
 The Jupyter protocol costs a few milliseconds per execute_request on each side (signing,
 envelopes, IPython's run_cell); the cell itself usually takes microseconds. A Python kernel can
 instead compile the endpoint cells at warm-up (kgpool/_inkernel.py) and serve them on a private
-Unix socket in kgpool's 0700 runtime directory. Results come back in the same shape as an
-execute_request's, so responses, errors, timeouts and crash handling stay identical.
+Unix socket in kgpool's 0700 runtime directory. A call answers with the messages and the
+execute_reply an execute_request would have produced, folded by the same code (outputs.py), so
+responses, errors, timeouts and crash handling stay identical. Both channels share the kernel's
+stdout capture (kgpool/_inkernel_io.py, see `python_setup`).
 """
 
 from __future__ import annotations
@@ -18,25 +20,39 @@ from typing import Any
 
 from .errors import KernelDied, KernelError
 from .kernel import Kernel
+from .languages import bind_request
 from .outputs import ExecutionResult
 
 _HEADER = struct.Struct(">I")
-_SOURCE = resources.files(__package__).joinpath("_inkernel.py").read_text(encoding="utf-8")
+_FILES = resources.files(__package__)
+_SOURCE = _FILES.joinpath("_inkernel.py").read_text(encoding="utf-8")
+_IO_SOURCE = _FILES.joinpath("_inkernel_io.py").read_text(encoding="utf-8")
+
+
+def python_setup() -> str:
+    """Code run in every Python kernel before its init cells, whichever channel serves it:
+    stdout capture per execution, shared by both channels (kgpool/_inkernel_io.py)."""
+    return ("(lambda ns: (exec(" + repr(_IO_SOURCE) + ", ns), ns['_kgpool_io_install']()))"
+            "({'get_ipython': get_ipython})\n")
 
 
 def install_code(path: str, cells: list[tuple[str, str | None]]) -> str:
-    """Code for one execute_request that installs the channel without touching user globals."""
+    """Code for one execute_request that installs the channel without touching user globals.
+    Endpoint cells go with the REQUEST binding in front, as the Jupyter channel sends them."""
+    bound = [(bind_request("python", "") + source, info) for source, info in cells]
+    # _inkernel.py counts the frames of this lambda: see its recursion room
     return ("print(__import__('json').dumps((lambda ns: (exec(" + repr(_SOURCE) + ", ns), "
-            "ns['_kgpool_direct_install'](" + repr(path) + ", " + repr(cells) + "))[1])"
+            "ns['_kgpool_direct_install'](" + repr(path) + ", " + repr(bound) + "))[1])"
             "({'get_ipython': get_ipython})), end='')")
 
 
-def _result(part: list[Any]) -> ExecutionResult:
-    stdout, result, error, displays = part
-    out = ExecutionResult(stdout=[stdout] if stdout else [], execute_result=result,
-                          displays=displays, done=True)
-    if error is not None:
-        out.error = {"ename": error[0], "evalue": error[1], "traceback": error[2]}
+def _result(part: dict[str, Any]) -> ExecutionResult:
+    """Fold a call's messages and reply exactly as the Jupyter channel folds an execution's."""
+    out = ExecutionResult()
+    for msg_type, content in part["m"]:
+        out.feed(msg_type, content)
+    out.feed("status", {"execution_state": "idle"})
+    out.reply(part["r"])
     return out
 
 
@@ -94,7 +110,8 @@ class DirectChannel:
 
     async def _read(self) -> dict[str, Any]:
         size = _HEADER.unpack(await self._reader.readexactly(_HEADER.size))[0]
-        return json.loads(await self._reader.readexactly(size))  # type: ignore[no-any-return]
+        data = await self._reader.readexactly(size)  # as ipykernel packs messages:
+        return json.loads(data.decode("utf-8", "surrogateescape"))  # type: ignore[no-any-return]
 
     def close(self) -> None:
         if not self._writer.is_closing():

@@ -18,7 +18,7 @@ from typing import Any
 import zmq.asyncio
 
 from .config import Settings
-from .direct import DirectChannel
+from .direct import DirectChannel, python_setup
 from .errors import (
     ExecutionError,
     ExecutionTimeout,
@@ -136,7 +136,11 @@ class NotebookService:
                 started = time.monotonic()
                 await kernel.start()
                 if self.notebook.language == "python":
-                    await kernel.execute(PYTHON_SETUP, silent=True)
+                    setup = await kernel.execute(PYTHON_SETUP + python_setup(), silent=True)
+                    if setup.error is not None:
+                        log.warning("%s: Python setup failed, stdout is not captured: %s: %s",
+                                    kernel.label, setup.error.get("ename"),
+                                    setup.error.get("evalue"))
                 booted = time.monotonic()
                 for cell in self.notebook.init_cells:
                     result = await kernel.execute(cell.source)
