@@ -13,7 +13,17 @@ kernel gets. Frames are a 4-byte big-endian length and a UTF-8 JSON document.
 """
 
 
-def _kgpool_direct_install(path, cells):
+def _kgpool_probe(n=0):
+    """How many more nested Python calls succeed from the caller's frame."""
+    try:
+        return _kgpool_probe(n + 1)
+    except RecursionError:
+        return n
+
+
+def _kgpool_direct_install(path, cells, room):
+    """Compile `cells` and serve them on `path`; `room` is _kgpool_probe() measured from the
+    module frame of the installing execute_request: calls give user code the same room."""
     import ast
     import asyncio
     import bdb
@@ -32,16 +42,6 @@ def _kgpool_direct_install(path, cells):
     from IPython.core.error import StdinNotImplementedError
     from IPython.core.interactiveshell import ExecutionInfo, ExecutionResult
     from jupyter_client.session import json_packer
-
-    def probe(n=0):
-        try:
-            return probe(n + 1)
-        except RecursionError:
-            return n
-
-    # The recursion room this cell's statement had, two frames up (this function, and the
-    # lambda of direct.install_code): a call pads user code to the same.
-    room = probe() + 2
 
     shell = get_ipython()  # noqa: F821  (a kernel global)
     io = shell.kgpool_io  # installed by _inkernel_io.py; without it there is no direct channel
@@ -213,9 +213,15 @@ def _kgpool_direct_install(path, cells):
         return True
 
     def run_statements(codes, result, ns=None):
-        for code in codes:
-            if run_code(code, result, ns):
-                return True
+        """IPython's run_ast_nodes loop, with its catch-all around it."""
+        try:
+            for code in codes:
+                if run_code(code, result, ns):
+                    return True
+        except BaseException:  # e.g. a traceback that failed to render
+            result.error_before_exec = sys.exc_info()[1]
+            shell.showtraceback()
+            return True
         return False
 
     def padded(depth, function, *args):
@@ -239,7 +245,7 @@ def _kgpool_direct_install(path, cells):
                     if part.bound:
                         shell.user_ns["REQUEST"] = request
                     if depth[0] is None:  # the room a statement has here, unpadded
-                        ns = {"probe": probe}
+                        ns = {"probe": _kgpool_probe}
                         padded(0, run_statements, [room_code], result, ns)
                         depth[0] = max(0, ns["ROOM"] - room)
                     raised = padded(depth[0], run_statements, part.codes, result)

@@ -37,13 +37,17 @@ def python_setup() -> str:
 
 
 def install_code(path: str, cells: list[tuple[str, str | None]]) -> str:
-    """Code for one execute_request that installs the channel without touching user globals.
-    Endpoint cells go with the REQUEST binding in front, as the Jupyter channel sends them."""
+    """Code for one execute_request that installs the channel; of user globals it touches only
+    one private name, deleted again. Endpoint cells go with the REQUEST binding in front, as
+    the Jupyter channel sends them; the recursion room is measured from this cell's frame."""
     bound = [(bind_request("python", "") + source, info) for source, info in cells]
-    # _inkernel.py counts the frames of this lambda: see its recursion room
-    return ("print(__import__('json').dumps((lambda ns: (exec(" + repr(_SOURCE) + ", ns), "
-            "ns['_kgpool_direct_install'](" + repr(path) + ", " + repr(bound) + "))[1])"
-            "({'get_ipython': get_ipython})), end='')")
+    return (f"_kgpool_ns = {{'get_ipython': get_ipython}}\n"
+            "try:\n"
+            f"    exec({_SOURCE!r}, _kgpool_ns)\n"
+            f"    print(__import__('json').dumps(_kgpool_ns['_kgpool_direct_install']("
+            f"{path!r}, {bound!r}, _kgpool_ns['_kgpool_probe']())), end='')\n"
+            "finally:\n"
+            "    del _kgpool_ns\n")
 
 
 def _result(part: dict[str, Any]) -> ExecutionResult:

@@ -1,4 +1,4 @@
-"""A pure fold of one execution's messages (iopub, then its execute_reply) into an ExecutionResult."""
+"""A pure fold of one execution's messages (iopub, then its execute_reply): an ExecutionResult."""
 
 from __future__ import annotations
 
