@@ -169,6 +169,9 @@ def _kgpool_direct_install(path, cells, room):
         raw_cell = property(lambda self: self._raw() if callable(self._raw) else self._raw,
                             lambda self, value: setattr(self, "_raw", value))
 
+    Info.__name__ = Info.__qualname__ = ExecutionInfo.__name__  # what a hook may print
+    Info.__module__ = ExecutionInfo.__module__
+
     def info_for(part, request):
         info = Info(None, False, False, True, None)
         if part.bound:
