@@ -110,11 +110,13 @@ def _kgpool_io_install():
                 run.finish()
             finally:
                 self.retire(run.fd, run.pos)
-                # run_cell keeps the stream output per execution count for %history -o; with
-                # store_history=False that count never moves and the list would only grow
+                # IPython keeps each execution's stream output and values per execution count
+                # for %history -o; with store_history=False the count never moves and the
+                # lists would only grow
                 outputs = getattr(shell.history_manager, "outputs", None)
                 if isinstance(outputs, dict):
-                    outputs.pop(shell.execution_count, None)
+                    outputs.pop(shell.execution_count, None)  # run_cell's tee of the streams
+                    outputs.pop(shell.execution_count - 1, None)  # the display hook's values
 
         def retire(self, fd, size):
             """Keep a finished execution's file one execution longer: if it grew meanwhile, a

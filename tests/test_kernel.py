@@ -12,8 +12,10 @@ import pytest
 import zmq.asyncio
 from conftest import alive, wait_gone
 
+from kgpool.direct import python_setup
 from kgpool.errors import KernelDied
 from kgpool.kernel import Kernel
+from kgpool.service import PYTHON_SETUP
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -46,6 +48,27 @@ async def test_no_history_growth(kernel: Kernel) -> None:
         await kernel.execute("x = 1")
     result = await kernel.execute("print(len(get_ipython().history_manager.input_hist_parsed))")
     assert int(result.text) <= 1
+
+
+async def test_semicolon_silences_without_history_growth(kernel: Kernel) -> None:
+    setup = await kernel.execute(PYTHON_SETUP + python_setup(), silent=True)
+    assert setup.error is None
+    for _ in range(3):
+        assert (await kernel.execute("40 + 2")).execute_result == {"text/plain": "42"}
+        quiet = await kernel.execute("print('p')\n40 + 2;")
+        assert quiet.execute_result is None and quiet.text == "p\n"
+    result = await kernel.execute(
+        "hm = get_ipython().history_manager\n"
+        "print(len(hm.input_hist_parsed), sum(map(len, hm.outputs.values())))")
+    assert result.text == "1 0\n"  # nothing stored per execution, even though ';' works
+
+
+async def test_errors_reported_only_in_the_execute_reply(kernel: Kernel) -> None:
+    group = await kernel.execute("raise ExceptionGroup('eg', [ValueError(1)])")
+    assert group.done and group.error is not None and group.error["ename"] == "ExceptionGroup"
+    magic = await kernel.execute("# GET /x\n%%timeit\n1")
+    assert magic.error is not None and magic.error["ename"] == "UsageError"
+    assert (await kernel.execute("1")).error is None
 
 
 async def test_death_mid_execution_raises_at_once(kernel: Kernel) -> None:

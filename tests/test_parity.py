@@ -61,14 +61,32 @@ def answers() -> Iterator[dict[str, dict[str, tuple[int, dict[str, str], bytes]]
             out[key] = {channel: answer(server.request(
                 ep.method, target(ep.method, ep.path), body=body,
                 headers=REQUEST_HEADERS, timeout=60)) for channel, server in servers.items()}
-        logs = {channel: server.output() for channel, server in servers.items()}
+        LOGS.update({channel: server.output() for channel, server in servers.items()})
         yield out
-        for channel, log in logs.items():  # nothing a cell printed reached kgpool's log
-            assert "leftover thread output" not in log and "late output" not in log, channel
-            assert "raw fd" not in log and "from C" not in log, channel
     finally:
         for server in started:
             server.stop()
+
+
+LOGS: dict[str, str] = {}
+
+
+def test_nothing_a_cell_printed_reaches_kgpools_log(
+        answers: dict[str, dict[str, tuple[int, dict[str, str], bytes]]]) -> None:
+    for channel, log in LOGS.items():
+        for printed in ("leftover thread output", "late output", "raw fd", "from C", "hi\n",
+                        "dunder stdout", "worker 0", "fd ünïcode"):
+            assert printed not in log, (channel, printed)
+
+
+@pytest.mark.skipif(CORPUS != NOTEBOOKS / "parity.ipynb", reason="another corpus")
+def test_cells_the_direct_channel_cannot_run_alike_fall_back_and_the_log_says_why(
+        answers: dict[str, dict[str, tuple[int, dict[str, str], bytes]]]) -> None:
+    log = LOGS["direct"]
+    assert "GET /await runs on the Jupyter channel: SyntaxError: top-level await" in log
+    assert "GET /syntax-error runs on the Jupyter channel: " in log
+    assert log.count("runs on the Jupyter channel") == 2
+    assert answers["GET /await"]["direct"][2] == b"awaited\n"
 
 
 def test_corpus_is_large_enough(answers: dict[str, dict[str, tuple[int, dict[str, str],
