@@ -24,13 +24,13 @@ def _kgpool_probe(n=0):
 def _kgpool_direct_install(path, cells, room):
     """Compile `cells` and serve them on `path`; `room` is _kgpool_probe() measured from the
     module frame of the installing execute_request: calls give user code the same room."""
+    import _signal  # signal.signal without its enum conversions: microseconds per call
     import ast
     import asyncio
     import bdb
     import builtins
     import getpass
     import json
-    import signal
     import socket
     import struct
     import sys
@@ -42,6 +42,7 @@ def _kgpool_direct_install(path, cells, room):
     from IPython.core.error import StdinNotImplementedError
     from IPython.core.interactiveshell import ExecutionInfo, ExecutionResult
     from jupyter_client.session import json_packer
+    from traitlets import All
 
     shell = get_ipython()  # noqa: F821  (a kernel global)
     io = shell.kgpool_io  # installed by _inkernel_io.py; without it there is no direct channel
@@ -60,7 +61,10 @@ def _kgpool_direct_install(path, cells, room):
             cell = shell.transform_cell(source)
             self.transformed = cell
             self.quiet = DisplayHook.semicolon_at_end_of_expression(cell)
-            name = shell.compile.cache(cell, shell.execution_count, raw_code=source)
+            try:
+                name = shell.compile.cache(cell, shell.execution_count, raw_code=source)
+            except TypeError:  # IPython before 8
+                name = shell.compile.cache(cell, shell.execution_count)
             tree = shell.transform_ast(shell.compile.ast_parse(cell, filename=name))
             nodes = tree.body
             if bound:  # the REQUEST binding: a call binds REQUEST as data instead
@@ -163,6 +167,17 @@ def _kgpool_direct_install(path, cells, room):
 
     # ----- running, per call -------------------------------------------------------------
 
+    def put(obj, name, value):
+        """obj.name = value for a trait nothing observes, without traitlets' machinery (a
+        few microseconds each, on every call)."""
+        notifiers = getattr(obj, "_trait_notifiers", None)
+        if notifiers is None or any(notifiers.get(name, {}).values()) or \
+                any(notifiers.get(All, {}).values()) or name in obj._trait_validators or \
+                hasattr(obj, f"_{name}_validate"):
+            setattr(obj, name, value)
+        else:
+            obj._trait_values[name] = value
+
     class Info(ExecutionInfo):
         """run_cell's info object; raw_cell (with the request in it) is built when read."""
 
@@ -244,7 +259,7 @@ def _kgpool_direct_install(path, cells, room):
             with shell.builtin_trap:
                 old_hook, sys.displayhook = sys.displayhook, display_hook
                 try:
-                    shell.displayhook.exec_result = result
+                    put(shell.displayhook, "exec_result", result)
                     if part.bound:
                         shell.user_ns["REQUEST"] = request
                     if depth[0] is None:  # the room a statement has here, unpadded
@@ -252,9 +267,9 @@ def _kgpool_direct_install(path, cells, room):
                         padded(0, run_statements, [room_code], result, ns)
                         depth[0] = max(0, ns["ROOM"] - room)
                     raised = padded(depth[0], run_statements, part.codes, result)
-                    shell.last_execution_succeeded = not raised
-                    shell.last_execution_result = result
-                    shell.displayhook.exec_result = None
+                    put(shell, "last_execution_succeeded", not raised)
+                    put(shell, "last_execution_result", result)
+                    put(shell.displayhook, "exec_result", None)
                 finally:
                     sys.displayhook = old_hook
         finally:
@@ -268,7 +283,8 @@ def _kgpool_direct_install(path, cells, room):
         shell._last_traceback_during_displayhook = False
         saved_input, saved_getpass = builtins.input, getpass.getpass
         builtins.input, getpass.getpass = no_input, no_getpass
-        kernel._allow_stdin = False
+        if kernel._allow_stdin:
+            kernel._allow_stdin = False
         try:
             result = run_cell(part, request)
         finally:
@@ -288,7 +304,7 @@ def _kgpool_direct_install(path, cells, room):
         messages = displays.messages = Messages()
         saved = (shell.display_pub, shell.__dict__.get("_showtraceback"))
         shell.display_pub, shell._showtraceback = displays, show_traceback
-        sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
+        sigint = _signal.signal(_signal.SIGINT, _signal.default_int_handler)
         io.begin(messages.stdout, part.source, part.quiet)
         reply = None
         try:
@@ -297,7 +313,7 @@ def _kgpool_direct_install(path, cells, room):
             traceback.print_exc(file=sys.__stderr__)
         finally:
             io.end()
-            signal.signal(signal.SIGINT, sigint)
+            _signal.signal(_signal.SIGINT, sigint)
             shell.display_pub = saved[0]
             if saved[1] is None:
                 del shell._showtraceback

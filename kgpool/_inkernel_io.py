@@ -39,6 +39,7 @@ def _kgpool_io_install():
         os.dup2(null, 1)  # nothing watches fd 1: between executions it goes nowhere
     os.close(null)
     outside = os.dup(1)  # what fd 1 is between executions
+    lock = threading.Lock()
 
     def memfd():
         if hasattr(os, "memfd_create"):
@@ -53,10 +54,10 @@ def _kgpool_io_install():
         def __init__(self, sink, cell, quiet):
             self.sink, self.cell, self.quiet = sink, cell, quiet
             self.old = frozenset(threading.enumerate())  # threads running before it began
-            self.lock = threading.Lock()  # threads it starts write too
+            self.lock = lock  # threads it starts write too
             self.fd = memfd()
             self.pos = 0
-            self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+            self.decoder = None  # made when fd 1 is written to
             os.dup2(self.fd, 1)
 
         def put(self, text):
@@ -71,6 +72,8 @@ def _kgpool_io_install():
                 if not data:
                     break
                 self.pos += len(data)
+                if self.decoder is None:
+                    self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
                 text = self.decoder.decode(data)
                 if text:
                     self.sink(text)
@@ -85,7 +88,7 @@ def _kgpool_io_install():
                     pass
             with self.lock:
                 self.drain()
-                tail = self.decoder.decode(b"", final=True)
+                tail = self.decoder.decode(b"", final=True) if self.decoder else ""
                 if tail:
                     self.sink(tail)
             os.dup2(outside, 1)
@@ -130,6 +133,7 @@ def _kgpool_io_install():
                     kept.append((old, -1))
                 else:
                     os.close(old)
+            os.ftruncate(fd, 0)  # its output was read: free the memory now (the offset stays)
             kept.append((fd, size))
             while len(kept) > 16:
                 os.close(kept.pop(0)[0])

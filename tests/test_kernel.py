@@ -17,7 +17,8 @@ from kgpool.errors import KernelDied
 from kgpool.kernel import Kernel
 from kgpool.service import PYTHON_SETUP
 
-pytestmark = pytest.mark.timeout(60)
+# The Jupyter protocol itself: --channel does not apply.
+pytestmark = [pytest.mark.timeout(60), pytest.mark.channel_independent]
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import pytest
 
 from kgpool.outputs import ExecutionResult
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.timeout(30), pytest.mark.channel_independent]  # pure code
 
 
 def fold(*messages: tuple[str, dict[str, object]]) -> ExecutionResult:
