@@ -76,10 +76,18 @@ class _Part:
 
 
 class _Info(ExecutionInfo):
-    """run_cell's info object; raw_cell (with the request in it) is built when read."""
+    """run_cell's info object; raw_cell and transformed_cell (with the request in them) are
+    built when read."""
 
-    raw_cell = property(lambda self: self._raw() if callable(self._raw) else self._raw,
-                        lambda self, value: setattr(self, "_raw", value))
+    def _text(name):
+        def get(self):
+            value = self.__dict__.get(name)
+            return value() if callable(value) else value
+        return property(get, lambda self, value: self.__dict__.__setitem__(name, value))
+
+    raw_cell = _text("raw_cell")
+    transformed_cell = _text("transformed_cell")
+    del _text
 
 
 _Info.__name__ = _Info.__qualname__ = ExecutionInfo.__name__  # what a hook may print
@@ -88,25 +96,27 @@ _Info.__module__ = ExecutionInfo.__module__
 
 def _info(part, request):
     info = _Info(None, False, False, True, None)
-    if part.bound:
-        head = "REQUEST = " + repr(request) + "\n"  # as kgpool's languages.bind_request writes it
-        info.raw_cell = lambda: head + part.source.split("\n", 1)[-1]
-        if hasattr(info, "transformed_cell"):
-            info.transformed_cell = head + part.transformed.split("\n", 1)[-1]
+    if part.bound:  # as kgpool's languages.bind_request writes it:
+        info.raw_cell = lambda: f"REQUEST = {request!r}\n" + part.source.split("\n", 1)[-1]
+        info.transformed_cell = \
+            lambda: f"REQUEST = {request!r}\n" + part.transformed.split("\n", 1)[-1]
     else:
-        info.raw_cell = part.source
-        if hasattr(info, "transformed_cell"):
-            info.transformed_cell = part.transformed
+        info.raw_cell, info.transformed_cell = part.source, part.transformed
     return info
+
+
+_VALIDATED = {}  # (class, trait name): whether a _<name>_validate method exists
 
 
 def _put(obj, name, value):
     """obj.name = value for a trait that nothing observes or validates, without traitlets'
     machinery (a few microseconds each, on every call)."""
     notifiers = getattr(obj, "_trait_notifiers", None)
-    if notifiers is None or any(notifiers.get(name, {}).values()) or \
-            any(notifiers.get(All, {}).values()) or name in obj._trait_validators or \
-            hasattr(obj, f"_{name}_validate"):
+    key = (type(obj), name)
+    if key not in _VALIDATED:
+        _VALIDATED[key] = hasattr(obj, f"_{name}_validate")
+    if notifiers is None or _VALIDATED[key] or name in obj._trait_validators or \
+            any(notifiers.get(name, {}).values()) or any(notifiers.get(All, {}).values()):
         setattr(obj, name, value)
     else:
         obj._trait_values[name] = value
