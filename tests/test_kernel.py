@@ -72,6 +72,13 @@ async def test_errors_reported_only_in_the_execute_reply(kernel: Kernel) -> None
     assert (await kernel.execute("1")).error is None
 
 
+async def test_idle_without_an_execute_reply_is_an_error_not_a_hang(kernel: Kernel) -> None:
+    await kernel.execute("async def broken(*args, **kwargs):\n    raise RuntimeError('no reply')\n"
+                         "get_ipython().kernel.do_execute = broken")
+    result = await asyncio.wait_for(kernel.execute("print('lost')"), 10)
+    assert result.done and result.error is not None and result.error["ename"] == "KernelError"
+
+
 async def test_death_mid_execution_raises_at_once(kernel: Kernel) -> None:
     started = time.monotonic()
     with pytest.raises(KernelDied):
