@@ -34,6 +34,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 VENV_KG = HERE / ".venv-kg"
 VENV_BENCH = Path(os.environ.get("KGBENCH_VENV") or HERE / ".venv-bench")  # set by run.sh
+# kgpool at a baseline commit (KGPOOL_BASE=<commit> bash run.sh), measured in the same rotation
+VENV_BASE = Path(os.environ.get("KGBENCH_BASE_VENV") or HERE / ".venv-bench-base")
 RESULTS = HERE / "results"
 LOGS = RESULTS / "logs"
 LUA = HERE / "check.lua"
@@ -44,6 +46,8 @@ KGPOOL_ARGS = {
     "kgpool": [],
     "kgpool-direct": ["--channel", "direct"],
     "kgpool-jupyter": ["--channel", "jupyter"],
+    "base-direct": ["--channel", "direct"],
+    "base-jupyter": ["--channel", "jupyter"],
 }
 SERVERS = (*KGPOOL_ARGS, "kg")
 
@@ -116,8 +120,9 @@ class Server:
         self.runtime = tempfile.mkdtemp(prefix=f"kgbench-{kind}-")
         env = dict(os.environ, JUPYTER_RUNTIME_DIR=self.runtime, PYTHONUNBUFFERED="1")
         if kind in KGPOOL_ARGS:
+            venv = VENV_BASE if kind.startswith("base-") else VENV_BENCH
             cmd = [
-                str(VENV_BENCH / "bin" / "kgpool"),
+                str(venv / "bin" / "kgpool"),
                 "serve",
                 str(notebook),
                 "--kernels",
@@ -128,7 +133,7 @@ class Server:
                 str(self.port),
                 *KGPOOL_ARGS[kind],
             ]
-            env["PATH"] = f"{VENV_BENCH / 'bin'}:{env.get('PATH', '')}"
+            env["PATH"] = f"{venv / 'bin'}:{env.get('PATH', '')}"
         else:
             cmd = [
                 str(VENV_KG / "bin" / "jupyter-kernelgateway"),
@@ -560,6 +565,8 @@ def versions() -> dict:
                 probe % ["jupyter_client", "ipykernel", "pyzmq"],
             ]
         )
+    if os.environ.get("KGBENCH_BASE_DESC"):
+        v["baseline_source"] = os.environ["KGBENCH_BASE_DESC"]
     return v
 
 
@@ -574,6 +581,9 @@ def pick_servers(spec: str) -> list[str]:
             if "--channel" in helptext:
                 spec = "kgpool-direct,kgpool-jupyter,kg"
     servers = [s for s in spec.split(",") if s in SERVERS]
+    if not (VENV_BASE / "bin" / "kgpool").exists() and any(s.startswith("base-") for s in servers):
+        log("no baseline kgpool (KGPOOL_BASE=<commit> bash benchmarks/run.sh): skipping base-*")
+        servers = [s for s in servers if not s.startswith("base-")]
     if not exe.exists() and any(s in KGPOOL_ARGS for s in servers):
         log("kgpool is not installed in .venv-bench: measuring Kernel Gateway only")
         servers = [s for s in servers if s not in KGPOOL_ARGS]
@@ -621,8 +631,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--servers",
         default="auto",
-        help="comma list from kgpool, kgpool-direct, kgpool-jupyter, kg; auto = kgpool-direct,"
-        "kgpool-jupyter,kg when kgpool has --channel, else kgpool,kg",
+        help="comma list from kgpool, kgpool-direct, kgpool-jupyter, base-direct, base-jupyter "
+        "(kgpool at KGPOOL_BASE), kg; auto = kgpool-direct,kgpool-jupyter,kg when kgpool has "
+        "--channel, else kgpool,kg",
     )
     p.add_argument("--name", default="latest", help="results/NAME.{md,png,json} (default latest)")
     p.add_argument(
@@ -662,7 +673,7 @@ def main(argv: list[str]) -> int:
         "versions": versions(),
         "expected_body": EXPECTED,
         "command": " ".join(
-            ([f"KGPOOL_REF={os.environ['KGPOOL_REF']}"] if os.environ.get("KGPOOL_REF") else [])
+            [f"{v}={os.environ[v]}" for v in ("KGPOOL_REF", "KGPOOL_BASE") if os.environ.get(v)]
             + ["bash", "benchmarks/run.sh", *argv]
         ),
     }

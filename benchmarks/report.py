@@ -9,13 +9,18 @@ LABEL = {
     "kgpool": "kgpool",
     "kgpool-direct": "kgpool --channel direct",
     "kgpool-jupyter": "kgpool --channel jupyter",
+    "base-direct": "baseline kgpool --channel direct",
+    "base-jupyter": "baseline kgpool --channel jupyter",
     "kg": "Kernel Gateway",
 }
-SHORT = {"kgpool": "kgpool", "kgpool-direct": "direct", "kgpool-jupyter": "jupyter", "kg": "KG"}
+SHORT = {"kgpool": "kgpool", "kgpool-direct": "direct", "kgpool-jupyter": "jupyter",
+         "base-direct": "base direct", "base-jupyter": "base jupyter", "kg": "KG"}
 COLOR = {
     "kgpool": "tab:blue",
     "kgpool-direct": "tab:blue",
     "kgpool-jupyter": "tab:green",
+    "base-direct": "tab:cyan",
+    "base-jupyter": "tab:olive",
     "kg": "tab:orange",
 }
 
@@ -200,6 +205,8 @@ def markdown(res: dict) -> str:
         (
             f"kgpool: `{v.get('kgpool', 'not installed')}` from {v.get('kgpool_source', '—')} "
             f"({v.get('bench_venv', '')}).  "
+            + (f"Baseline: kgpool from {v['baseline_source']}.  " if "baseline_source" in v
+               else "")
         ),
         f"Peer: {v.get('kg_venv', '')}.  {v.get('wrk', '')}.",
         "",

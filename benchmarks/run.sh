@@ -4,6 +4,8 @@
 #   bash benchmarks/run.sh --quick    # kernels 1,2 x concurrency 1,16, 3 s runs
 #   bash benchmarks/run.sh --help     # every option (durations, kernel counts, phases to skip)
 #   KGPOOL_REF=HEAD bash benchmarks/run.sh   # kgpool from a commit (own venv) instead of the working tree
+#   KGPOOL_BASE=f166a32 bash benchmarks/run.sh --servers kgpool-direct,base-direct
+#                                   # the working tree and a baseline commit, in the same rotation
 # Builds two virtualenvs on first use: .venv-kg (the peer, jupyter_kernel_gateway 3.0.1 + ipykernel)
 # and .venv-bench (kgpool from this repo, editable, + matplotlib). Installs wrk with apt-get if missing.
 # Writes benchmarks/results/latest.{md,png,json}; logs in benchmarks/results/logs/.
@@ -52,6 +54,20 @@ else
         echo "kgpool not found in $REPO (no kgpool/cli.py yet): Kernel Gateway only" >&2
     fi
     export KGBENCH_VENV="$VENV"
+fi
+
+if [ -n "${KGPOOL_BASE:-}" ]; then
+    # a baseline commit as servers base-direct / base-jupyter, beside the measured kgpool
+    BSHA="$(git -C "$REPO" rev-parse --short "$KGPOOL_BASE")"
+    BVENV="$HERE/.venv-bench-base"
+    BSRC="$HERE/.kgpool-base-src"
+    rm -rf "$BSRC" && mkdir -p "$BSRC"
+    git -C "$REPO" archive "$BSHA" | tar -x -C "$BSRC"
+    [ -x "$BVENV/bin/python" ] || "$PY" -m venv "$BVENV"
+    echo "installing baseline kgpool $BSHA into .venv-bench-base" >&2
+    "$BVENV/bin/pip" install -q --disable-pip-version-check --force-reinstall --no-deps "$BSRC"
+    "$BVENV/bin/pip" install -q --disable-pip-version-check "$BSRC"
+    export KGBENCH_BASE_VENV="$BVENV" KGBENCH_BASE_DESC="commit $BSHA ($KGPOOL_BASE)"
 fi
 
 exec "$VENV/bin/python" "$HERE/bench.py" "$@"

@@ -3,8 +3,10 @@
 The Jupyter protocol costs a few milliseconds per execute_request on each side (signing,
 envelopes, IPython's run_cell); the cell itself usually takes microseconds. A Python kernel can
 instead compile the endpoint cells at warm-up (kgpool/_inkernel.py) and serve them on a private
-Unix socket in kgpool's 0700 runtime directory. Results come back in the same shape as an
-execute_request's, so responses, errors, timeouts and crash handling stay identical.
+Unix socket in kgpool's 0700 runtime directory. A call answers with the messages and the
+execute_reply an execute_request would have produced, folded by the same code (outputs.py), so
+responses, errors, timeouts and crash handling stay identical. Both channels share the kernel's
+stdout capture (kgpool/_inkernel_io.py, see `python_setup`).
 """
 
 from __future__ import annotations
@@ -18,18 +20,35 @@ from typing import Any
 
 from .errors import KernelDied, KernelError
 from .kernel import Kernel
+from .languages import bind_request
 from .offload import Offload, loads
 from .outputs import ExecutionResult
 
 _HEADER = struct.Struct(">I")
-_SOURCE = resources.files(__package__).joinpath("_inkernel.py").read_text(encoding="utf-8")
+_FILES = resources.files(__package__)
+_SOURCE = _FILES.joinpath("_inkernel.py").read_text(encoding="utf-8")
+_IO_SOURCE = _FILES.joinpath("_inkernel_io.py").read_text(encoding="utf-8")
+
+
+def python_setup() -> str:
+    """Code run in every Python kernel before its init cells, whichever channel serves it:
+    stdout capture per execution, shared by both channels (kgpool/_inkernel_io.py)."""
+    return ("(lambda ns: (exec(" + repr(_IO_SOURCE) + ", ns), ns['_kgpool_io_install']()))"
+            "({'get_ipython': get_ipython})\n")
 
 
 def install_code(path: str, cells: list[tuple[str, str | None]]) -> str:
-    """Code for one execute_request that installs the channel without touching user globals."""
-    return ("print(__import__('json').dumps((lambda ns: (exec(" + repr(_SOURCE) + ", ns), "
-            "ns['_kgpool_direct_install'](" + repr(path) + ", " + repr(cells) + "))[1])"
-            "({'get_ipython': get_ipython})), end='')")
+    """Code for one execute_request that installs the channel; of user globals it touches only
+    one private name, deleted again. Endpoint cells go with the REQUEST binding in front, as
+    the Jupyter channel sends them; the recursion room is measured from this cell's frame."""
+    bound = [(bind_request("python", "") + source, info) for source, info in cells]
+    return (f"_kgpool_ns = {{'get_ipython': get_ipython}}\n"
+            "try:\n"
+            f"    exec({_SOURCE!r}, _kgpool_ns)\n"
+            f"    print(__import__('json').dumps(_kgpool_ns['_kgpool_direct_install']("
+            f"{path!r}, {bound!r}, _kgpool_ns['_kgpool_probe']())), end='')\n"
+            "finally:\n"
+            "    del _kgpool_ns\n")
 
 
 def call_frame(index: int, request: str) -> bytes:
@@ -39,20 +58,19 @@ def call_frame(index: int, request: str) -> bytes:
     return _HEADER.pack(len(payload)) + payload
 
 
-def _result(part: list[Any]) -> ExecutionResult:
-    stdout, result, error, displays = part
-    out = ExecutionResult(stdout=[stdout] if stdout else [], execute_result=result,
-                          displays=displays, done=True, size=len(stdout or ""))
-    for bundle in displays + ([result] if result else []):
-        out.size += sum(len(v) for v in bundle.values() if isinstance(v, str))
-    if error is not None:
-        out.error = {"ename": error[0], "evalue": error[1], "traceback": error[2]}
+def _result(part: dict[str, Any], limit: int = 0) -> ExecutionResult:
+    """Fold a call's messages and reply exactly as the Jupyter channel folds an execution's."""
+    out = ExecutionResult(limit=limit)
+    for msg_type, content in part["m"]:
+        out.feed(msg_type, content)
+    out.feed("status", {"execution_state": "idle"})
+    out.reply(part["r"])
     return out
 
 
 def _oversized(size: int) -> ExecutionResult:
     """A reply too large to read: only its size is known (the answer will be refused)."""
-    return ExecutionResult(done=True, size=size)
+    return ExecutionResult(idle=True, replied=True, size=size)
 
 
 class DirectChannel:
@@ -110,7 +128,7 @@ class DirectChannel:
         if isinstance(data, int):
             return _oversized(data), None
         info = data.get("i")
-        return _result(data["c"]), (_result(info) if info is not None else None)
+        return _result(data["c"], limit), (_result(info, limit) if info is not None else None)
 
     async def _read(self, most: int) -> dict[str, Any] | int:
         """The next reply, or the size of one past `most` bytes, which is skipped."""
@@ -120,7 +138,7 @@ class DirectChannel:
             while left:
                 left -= len(await self._reader.readexactly(min(left, 1 << 20)))
             return int(size)
-        data = await self._reader.readexactly(size)
+        data = await self._reader.readexactly(size)  # as ipykernel packs messages:
         return await self._offload.run(size, loads, data)  # type: ignore[no-any-return]
 
     def close(self) -> None:

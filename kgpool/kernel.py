@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 # ipykernel's default shutdown wait is 5 s; a kernel about to be replaced earns less patience.
 SHUTDOWN_GRACE = 1.0
 ABORT_GRACE = 0.3  # after the interrupt, before SIGKILL
+# A kernel sends its execute_reply just before going idle; one that went idle without it sent
+# none (its handler failed), and the execution ends with that error rather than a hang.
+REPLY_GRACE = 1.0
 
 
 async def _settled_text(path: str, polls: int = 50) -> str | None:
@@ -68,6 +71,7 @@ class Kernel:
         self._iopub: Any = None
         self._readers: list[asyncio.Task[None]] = []
         self._pending: tuple[str, ExecutionResult, asyncio.Future[ExecutionResult]] | None = None
+        self._no_reply: asyncio.TimerHandle | None = None
         self._died = asyncio.get_running_loop().create_future()
         self._pidfd: int | None = None
         self._ready = False
@@ -178,7 +182,7 @@ class Kernel:
                 if self._died.done():
                     raise self._died.result() from None
             finally:
-                self._pending = None
+                self._forget()
         raise KernelError(f"{self.label} never answered on iopub")
 
     async def shutdown(self) -> None:
@@ -232,9 +236,10 @@ class Kernel:
 
     async def execute(self, code: str, *, silent: bool = False, limit: int = 0,
                       content: bytes | None = None) -> ExecutionResult:
-        """Run code; the result arrives when the kernel goes idle. Raises KernelDied at once.
-        Output past `limit` characters is counted, not kept. A large request comes as its
-        `content` already encoded (execute_content, in a helper process)."""
+        """Run code; the result arrives once the kernel has sent both its execute_reply and the
+        idle status. Raises KernelDied at once. Output past `limit` characters is counted, not
+        kept. A large request comes as its `content` already encoded (execute_content, in a
+        helper process)."""
         if self._died.done():
             raise self._died.result()
         if self._pending is not None:
@@ -250,12 +255,34 @@ class Kernel:
         try:
             return await waiter
         finally:
-            self._pending = None
+            self._forget()
 
     def _expect(self, msg_id: str, limit: int = 0) -> asyncio.Future[ExecutionResult]:
         waiter: asyncio.Future[ExecutionResult] = asyncio.get_running_loop().create_future()
         self._pending = (msg_id, ExecutionResult(limit=limit), waiter)
         return waiter
+
+    def _forget(self) -> None:
+        self._pending = None
+        if self._no_reply is not None:
+            self._no_reply.cancel()
+            self._no_reply = None
+
+    def _progress(self, pending: tuple[str, ExecutionResult,
+                                       asyncio.Future[ExecutionResult]]) -> None:
+        """Resolve the waiter when done; give a missing execute_reply REPLY_GRACE after idle."""
+        result, waiter = pending[1], pending[2]
+        if waiter.done():
+            return
+        if result.done:
+            waiter.set_result(result)
+        elif result.idle and self._no_reply is None:
+            def no_reply() -> None:
+                if self._pending is pending and not result.replied:
+                    log.warning("%s went idle without an execute_reply", self.label)
+                    result.reply(None)
+                    self._progress(pending)
+            self._no_reply = asyncio.get_running_loop().call_later(REPLY_GRACE, no_reply)
 
     async def _read_iopub(self) -> None:
         assert self._wire is not None
@@ -277,15 +304,26 @@ class Kernel:
                 continue
             if found is None or pending is not self._pending:
                 continue
-            result = pending[1]
-            result.feed(*found)
-            if result.done and not pending[2].done():
-                pending[2].set_result(result)
+            pending[1].feed(*found)
+            self._progress(pending)
 
     async def _read_shell(self) -> None:
-        # Replies are drained so they never pile up; iopub's idle status ends an execution.
+        # Every reply is read so none piles up; the one to the pending request is folded in.
+        assert self._wire is not None
+        wire, sock = self._wire, self._shell
         while True:
-            await self._shell.recv_multipart(copy=False)
+            frames = await sock.recv_multipart(copy=True)
+            pending = self._pending
+            if pending is None:
+                continue
+            try:
+                found = wire.reply_to(frames, pending[0].encode())
+            except (ValueError, KeyError, TypeError):
+                log.warning("%s: dropped an unreadable shell reply", self.label)
+                continue
+            if found is not None and found[0].endswith("_reply"):
+                pending[1].reply(found[1])
+                self._progress(pending)
 
 
 def execute_content(code: str, silent: bool = False) -> bytes:

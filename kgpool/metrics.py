@@ -153,6 +153,8 @@ class NotebookMetrics:
             metrics.rejected.labels(name, reason)
         for direction, reason in (("up", "queue"), ("down", "idle")):
             metrics.resizes.labels(name, direction, reason)
+        for status in ("exit code 1", "signal 9 (SIGKILL)"):  # crash, out-of-memory kill
+            metrics.exits.labels(name, status)
 
     def kernel_restarted(self, reason: str) -> None:
         self._m.restarts.labels(self.name, reason).inc()

@@ -1,4 +1,4 @@
-"""A pure fold of one execution's iopub messages into an ExecutionResult."""
+"""A pure fold of one execution's messages (iopub, then its execute_reply): an ExecutionResult."""
 
 from __future__ import annotations
 
@@ -7,23 +7,47 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+# What an execution that went idle without an execute_reply reports (ipykernel sends none when
+# its own handler fails, e.g. on an exception whose str() raises).
+NO_REPLY = {"ename": "KernelError", "evalue": "the kernel finished without an execute_reply "
+            "(its message handler failed; see the kernel's log)", "traceback": []}
+
 
 @dataclass
 class ExecutionResult:
-    """What one execute_request produced, in the order the kernel sent it."""
+    """What one execute_request produced, in the order the kernel sent it.
+
+    Done once both the idle status (iopub) and the execute_reply (shell) arrived, as nbclient
+    waits; an error the kernel reports only in the reply (an ExceptionGroup, a UsageError)
+    counts as the error; an iopub error message takes precedence over it.
+    """
 
     stdout: list[str] = field(default_factory=list)
     stderr: list[str] = field(default_factory=list)
     execute_result: dict[str, Any] | None = None
     displays: list[dict[str, Any]] = field(default_factory=list)
     error: dict[str, Any] | None = None
-    done: bool = False
+    idle: bool = False
+    replied: bool = False
     size: int = 0  # characters of output kept; past `limit` more output only counts
     limit: int = 0  # 0: keep everything
     stderr_size: int = 0
+    _clear_pending: bool = field(default=False, repr=False)
+    _error_from_reply: bool = field(default=False, repr=False)
+
+    @property
+    def done(self) -> bool:
+        return self.idle and self.replied
 
     def feed(self, msg_type: str, content: dict[str, Any]) -> None:
         """Fold one iopub message (already filtered to this execution's msg_id)."""
+        if msg_type == "status":
+            if content.get("execution_state") == "idle":
+                self.idle = True
+            return
+        if self._clear_pending and msg_type in _OUTPUTS:
+            self.displays.clear()  # clear_output(wait=True) applies at the next output
+            self._clear_pending = False
         if msg_type == "stream":
             text = content.get("text", "")
             if content.get("name") == "stderr":  # never the body
@@ -43,10 +67,34 @@ class ExecutionResult:
                 self.execute_result = data
             else:
                 self.displays.append(data)
-        elif msg_type == "error":
+        elif msg_type == "clear_output":
+            # What the notebook shows: earlier displays are gone. stdout stays the body as
+            # Kernel Gateway gives it (it ignores clear_output).
+            if content.get("wait"):
+                self._clear_pending = True
+            else:
+                self.displays.clear()
+        elif msg_type == "error":  # the last one wins, as in Kernel Gateway
             self.error = content
-        elif msg_type == "status" and content.get("execution_state") == "idle":
-            self.done = True
+            self._error_from_reply = False
+
+    def reply(self, content: dict[str, Any] | None) -> None:
+        """Fold the execute_reply (None: the kernel went idle without sending one)."""
+        self.replied = True
+        if self.error is not None:
+            return
+        if content is None:
+            self.error = dict(NO_REPLY)
+        elif content.get("status", "ok") == "aborted":
+            self.error = {"ename": "ExecutionAborted", "traceback": [],
+                          "evalue": "the kernel aborted the request after an earlier error"}
+        elif content.get("status", "ok") != "ok":
+            self.error = {"ename": str(content.get("ename", "Error")),
+                          "evalue": str(content.get("evalue", "")),
+                          "traceback": list(content.get("traceback") or [])}
+        else:
+            return
+        self._error_from_reply = True
 
     @property
     def text(self) -> str:
@@ -56,6 +104,9 @@ class ExecutionResult:
         if self.execute_result is not None:
             return json.dumps(self.execute_result)
         return ""
+
+
+_OUTPUTS = frozenset({"stream", "execute_result", "display_data", "update_display_data", "error"})
 
 
 # Mimetypes whose display data is base64 in Jupyter messages, and what a rich body prefers.

@@ -20,7 +20,7 @@ from typing import Any
 import zmq.asyncio
 
 from .config import Settings
-from .direct import DirectChannel
+from .direct import DirectChannel, python_setup
 from .errors import (
     ConfigError,
     EndpointRemoved,
@@ -66,6 +66,13 @@ def _kgpool_setup(stacks):
 _kgpool_setup(%r)
 del _kgpool_setup
 """
+
+
+def setup_code(stacks: str) -> str:
+    """What every Python kernel runs before its init cells (stacks: where SIGUSR2 dumps)."""
+    return PYTHON_SETUP % stacks + python_setup()
+
+
 Key = tuple[str, str]  # (method, path template): an endpoint in any version of the notebook
 LARGE = 64 * 1024  # characters of REQUEST past which a kernel reads it from a file
 
@@ -207,7 +214,11 @@ class NotebookService:
                 await kernel.start()
                 if version.notebook.language == "python":
                     stacks = os.path.join(self._ipc_dir, f"stacks-{uuid.uuid4().hex[:12]}")
-                    await kernel.execute(PYTHON_SETUP % stacks, silent=True)
+                    setup = await kernel.execute(setup_code(stacks), silent=True)
+                    if setup.error is not None:
+                        log.warning("%s: Python setup failed, stdout is not captured: %s: %s",
+                                    kernel.label, setup.error.get("ename"),
+                                    setup.error.get("evalue"))
                     kernel.stack_file = stacks
                 booted = time.monotonic()
                 for cell in version.notebook.init_cells:

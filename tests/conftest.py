@@ -100,7 +100,10 @@ class Server:
         notebooks = notebook if isinstance(notebook, list) else [notebook]
         self.args = [sys.executable, "-m", "kgpool", "serve", *map(str, notebooks),
                      "--port", str(self.port), *args]
-        self.env = {**os.environ, **(env or {})}
+        # Without PYTEST_CURRENT_TEST: ipykernel stops watching fd 1 under pytest, and the
+        # kernels here must run as in production.
+        self.env = {k: v for k, v in {**os.environ, **(env or {})}.items()
+                    if k != "PYTEST_CURRENT_TEST"}
         self.proc: subprocess.Popen[bytes] | None = None
         self.kernels: list[int] = []
         self._log = b""

@@ -7,7 +7,7 @@ import pytest
 from kgpool.config import SECRET_ENV, Settings
 from kgpool.errors import ConfigError
 
-pytestmark = pytest.mark.timeout(10)
+pytestmark = [pytest.mark.timeout(10), pytest.mark.channel_independent]
 
 
 def settings(**kw: object) -> Settings:

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import zmq.asyncio
 
-from kgpool.direct import DirectChannel
+from kgpool.direct import DirectChannel, python_setup
 from kgpool.errors import KernelDied
 from kgpool.kernel import Kernel
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.channel_independent]
 CELLS = [
     ("import os\nprint(REQUEST, end='')", None),
     ("x = json.loads(REQUEST)\n1 + 1", "print('{\"status\": 201}')"),
@@ -30,6 +30,7 @@ async def channel(tmp_path: Path) -> AsyncIterator[DirectChannel]:
     context = zmq.asyncio.Context()
     kernel = Kernel("python3", context=context, label="direct", ipc_dir=str(tmp_path))
     await kernel.start()
+    await kernel.execute(python_setup())  # what every Python kernel gets before its init cells
     await kernel.execute("import json")
     try:
         yield await DirectChannel.open(kernel, os.path.join(tmp_path, "d.sock"), CELLS)

@@ -14,8 +14,10 @@ from conftest import alive, wait_gone
 
 from kgpool.errors import KernelDied
 from kgpool.kernel import Kernel
+from kgpool.service import setup_code
 
-pytestmark = pytest.mark.timeout(60)
+# The Jupyter protocol itself: --channel does not apply.
+pytestmark = [pytest.mark.timeout(60), pytest.mark.channel_independent]
 
 
 @pytest.fixture
@@ -46,6 +48,34 @@ async def test_no_history_growth(kernel: Kernel) -> None:
         await kernel.execute("x = 1")
     result = await kernel.execute("print(len(get_ipython().history_manager.input_hist_parsed))")
     assert int(result.text) <= 1
+
+
+async def test_semicolon_silences_without_history_growth(kernel: Kernel) -> None:
+    setup = await kernel.execute(setup_code(os.devnull), silent=True)
+    assert setup.error is None
+    for _ in range(3):
+        assert (await kernel.execute("40 + 2")).execute_result == {"text/plain": "42"}
+        quiet = await kernel.execute("print('p')\n40 + 2;")
+        assert quiet.execute_result is None and quiet.text == "p\n"
+    result = await kernel.execute(
+        "hm = get_ipython().history_manager\n"
+        "print(len(hm.input_hist_parsed), sum(map(len, hm.outputs.values())))")
+    assert result.text == "1 0\n"  # nothing stored per execution, even though ';' works
+
+
+async def test_errors_reported_only_in_the_execute_reply(kernel: Kernel) -> None:
+    group = await kernel.execute("raise ExceptionGroup('eg', [ValueError(1)])")
+    assert group.done and group.error is not None and group.error["ename"] == "ExceptionGroup"
+    magic = await kernel.execute("# GET /x\n%%timeit\n1")
+    assert magic.error is not None and magic.error["ename"] == "UsageError"
+    assert (await kernel.execute("1")).error is None
+
+
+async def test_idle_without_an_execute_reply_is_an_error_not_a_hang(kernel: Kernel) -> None:
+    await kernel.execute("async def broken(*args, **kwargs):\n    raise RuntimeError('no reply')\n"
+                         "get_ipython().kernel.do_execute = broken")
+    result = await asyncio.wait_for(kernel.execute("print('lost')"), 10)
+    assert result.done and result.error is not None and result.error["ename"] == "KernelError"
 
 
 async def test_death_mid_execution_raises_at_once(kernel: Kernel) -> None:

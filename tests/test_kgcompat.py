@@ -9,7 +9,7 @@ import pytest
 from kgpool.errors import ConfigError
 from kgpool.kgcompat import is_kernel_gateway_argv, translate
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.timeout(30), pytest.mark.channel_independent]
 API = "--KernelGatewayApp.api=kernel_gateway.notebook_http"
 
 

@@ -13,7 +13,7 @@ from kgpool.errors import ConfigError, NotebookError
 from kgpool.metrics import Metrics
 from kgpool.mounts import Mounts, mount_specs
 
-pytestmark = pytest.mark.timeout(20)
+pytestmark = [pytest.mark.timeout(20), pytest.mark.channel_independent]
 
 
 def notebook(path: Path, *cells: str) -> str:

@@ -15,7 +15,7 @@ from kgpool.requests import RequestData, parse_body, request_document
 from kgpool.routes import Router
 from kgpool.specs import swagger
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.timeout(30), pytest.mark.channel_independent]  # pure code
 
 
 def nb_text(*cells: str, language: str = "python") -> str:

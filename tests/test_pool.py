@@ -20,7 +20,7 @@ from kgpool.errors import (
 )
 from kgpool.pool import KernelPool, Lease, describe_exit
 
-pytestmark = pytest.mark.timeout(20)
+pytestmark = [pytest.mark.timeout(20), pytest.mark.channel_independent]
 _pids = itertools.count(1000)
 
 

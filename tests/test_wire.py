@@ -7,7 +7,7 @@ from jupyter_client.session import Session
 
 from kgpool.wire import DELIM, Wire
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.timeout(30), pytest.mark.channel_independent]  # pure code
 KEY = b"secret-key"
 
 
