@@ -7,12 +7,10 @@ import asyncio
 import contextlib
 import logging
 import random
-import signal
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from .errors import (
     EndpointRemoved,
@@ -23,79 +21,27 @@ from .errors import (
     QueueFull,
 )
 from .kernel import Kernel
+from .lease import (
+    RESTART_LIMIT,
+    RESTART_WINDOW,
+    Accepts,
+    Lease,
+    PoolListener,
+    PoolStatus,
+    _Quiet,
+    _Waiter,
+    backoff,
+    describe_exit,
+)
 
+__all__ = ["Accepts", "KernelFactory", "KernelPool", "Lease", "PoolListener", "PoolStatus",
+           "describe_exit"]
 log = logging.getLogger(__name__)
 
 # (version, slot, on_death) -> a warm kernel of that notebook version; on failure it leaves no
 # process behind.
 KernelFactory = Callable[[int, int, Callable[[Kernel], None]], Awaitable[Kernel]]
-Accepts = Callable[[int], bool]
 T = TypeVar("T")
-
-BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
-RESTART_LIMIT, RESTART_WINDOW = 5, 60.0  # crashes replaced at once; beyond, with back-off
-
-
-def backoff(attempt: int) -> float:
-    """0.5 s, 1 s, 2 s, ... up to 30 s for the n-th retry (from 1)."""
-    return float(min(BACKOFF_FIRST * 2 ** (attempt - 1), BACKOFF_MAX))
-
-
-class PoolListener(Protocol):
-    """What the pool reports; metrics implement it, tests may too."""
-
-    def kernel_restarted(self, reason: str) -> None: ...
-    def kernel_exited(self, status: str) -> None: ...
-    def queue_waited(self, seconds: float) -> None: ...
-    def pool_resized(self, direction: str, reason: str) -> None: ...
-
-
-class _Quiet:
-    def kernel_restarted(self, reason: str) -> None: pass
-    def kernel_exited(self, status: str) -> None: pass
-    def queue_waited(self, seconds: float) -> None: pass
-    def pool_resized(self, direction: str, reason: str) -> None: pass
-
-
-@dataclass(eq=False)
-class Lease:
-    """A kernel of the pool; lent to one request at a time (pool.release gives it back)."""
-
-    kernel: Kernel
-    slot: int
-    version: int  # which version of the notebook it was warmed with
-    limit: int  # requests before recycling; 0 means never
-    served: int = 0
-    retiring: bool = False  # stopped when it is next idle (recycle, reload)
-    dead: bool = False  # its process exited while it was lent
-    stopped: bool = False
-    gone: asyncio.Event = field(default_factory=asyncio.Event)  # set once it is stopped
-    idle_since: float = 0.0
-
-
-@dataclass(eq=False)
-class _Waiter:
-    future: asyncio.Future[Lease]
-    accepts: Accepts | None
-
-    def wants(self, lease: Lease) -> bool:
-        return self.accepts is None or self.accepts(lease.version)
-
-
-@dataclass(frozen=True)
-class PoolStatus:
-    desired: int  # kernels the pool is heading for, between floor and ceiling
-    starting: int
-    idle: int
-    busy: int
-    stopping: int
-    queued: int
-    capacity: int  # of the queue
-    draining: bool
-    failing: tuple[str, ...]
-    rolling: bool = False
-    floor: int = 0
-    ceiling: int = 0
 
 
 class KernelPool:
@@ -552,18 +498,6 @@ class KernelPool:
                 self._fail_orphans()
         finally:
             self._rolling = False
-
-
-def describe_exit(code: int | None) -> str:
-    """'exit code 1', 'signal 9 (SIGKILL)' — a kernel killed by the OOM killer shows -9."""
-    if code is None:
-        return "exit status unknown"
-    if code < 0:
-        try:
-            return f"signal {-code} ({signal.Signals(-code).name})"
-        except ValueError:
-            return f"signal {-code}"
-    return f"exit code {code}"
 
 
 async def _all_or_nothing(tasks: list[asyncio.Task[None]]) -> None:
