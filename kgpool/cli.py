@@ -20,11 +20,18 @@ from aiohttp import web
 from prometheus_client import disable_created_metrics
 
 from . import __version__
-from .config import LOG_LEVELS, SECRET_ENV, Settings
+from .config import HIDDEN_ENV, LOG_LEVELS, Settings
 from .errors import ConfigError, NotebookError
 from .kgcompat import Translation, fetch_seed, is_kernel_gateway_argv, translate
 from .notebook import Notebook, load_notebook
 from .routes import Router
+from .secrets import (
+    carries_token,
+    forbid_inspection,
+    protect_token,
+    reexec_without_secrets,
+    take_handover,
+)
 from .web import MOUNTS, create_app
 
 log = logging.getLogger("kgpool")
@@ -133,7 +140,10 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str],
             values[f.name] = value
     if not values.get("notebooks"):
         raise ConfigError("a NOTEBOOK argument (or KGPOOL_NOTEBOOK) is required")
-    values["kernel_env"] = {k: v for k, v in environ.items() if k not in SECRET_ENV}
+    if values.get("auth_token") and values.get("auth_token_file"):
+        raise ConfigError("give the token one way: --auth-token-file or the token itself "
+                          "(--auth-token, KGPOOL_AUTH_TOKEN, KG_AUTH_TOKEN), not both")
+    values["kernel_env"] = {k: v for k, v in environ.items() if k not in HIDDEN_ENV}
     return Settings(**values)
 
 
@@ -273,24 +283,33 @@ def kernel_gateway_settings(argv: list[str], environ: Mapping[str, str],
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    environ: Mapping[str, str] = os.environ
+    notes: list[str] = []
+    own = argv is None
+    if argv is None:  # the process is kgpool's own: keep the token out of its /proc entries
+        try:
+            argv, environ, notes = _own_process(sys.argv[1:])
+        except ConfigError as exc:
+            print(f"kgpool: error: {exc}", file=sys.stderr)
+            return 2
+    argv = list(argv)
     if argv[:1] == ["kernelgateway"]:  # `jupyter kernelgateway ...` with one word changed
         argv = argv[1:]
     kg_mode = is_kernel_gateway_argv(argv) and \
-        (bool(argv) or any(k.startswith("KG_") for k in os.environ))
+        (bool(argv) or any(k.startswith("KG_") for k in environ))
     with contextlib.ExitStack() as stack:
         try:
             if kg_mode:
                 settings, translation = kernel_gateway_settings(
-                    argv, os.environ, lambda: stack.enter_context(
+                    argv, environ, lambda: stack.enter_context(
                         tempfile.TemporaryDirectory(prefix="kgpool-seed-")))
             else:
                 args = build_parser().parse_args(argv)
                 if args.command == "routes":
                     print_routes(load_notebook(args.notebook))
                     return 0
-                settings, translation = settings_from(args, os.environ), Translation()
-            for name in SECRET_ENV:  # kernels must not inherit a token
+                settings, translation = settings_from(args, environ), Translation()
+            for name in HIDDEN_ENV:  # kernels must not inherit a token
                 os.environ.pop(name, None)
             disable_created_metrics()  # *_created series double the count; nobody graphs them
             configure_logging(settings.log_format, settings.log_level)
@@ -301,6 +320,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("Kernel Gateway options read: %s", ", ".join(
                 f"{k}={'***' if k == 'auth_token' else v!r}"
                 for k, v in translation.values.items()))
-        for note in translation.notes:
+        for note in [*translation.notes, *notes]:
             log.warning("%s", note)
+        if settings.auth_token and own:
+            settings = protect_token(settings, stack.callback)
         return asyncio.run(serve(settings))
+
+
+def _own_process(argv: list[str]) -> tuple[list[str], Mapping[str, str], list[str]]:
+    """The real arguments and environment, re-executing first when either holds a token."""
+    handed = take_handover(os.environ)
+    if handed is not None:
+        forbid_inspection()  # before anything else: the new process starts inspectable
+        real_argv, secrets = handed
+        return real_argv, {**os.environ, **secrets}, []
+    if carries_token(argv, os.environ):
+        forbid_inspection()
+        reason = reexec_without_secrets(argv, os.environ)  # returns only if it could not
+        note = f"the token stays visible in /proc/{os.getpid()}/environ or /cmdline: {reason}"
+        return argv, os.environ, [note]
+    return argv, os.environ, []

@@ -25,6 +25,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CALL = web.RequestKey("call", CallInfo)
 ROUTE = web.RequestKey("route", str)
 NOTEBOOK = web.RequestKey("notebook", str)
+# The request presented the valid token (only ever True when a token is configured): what
+# may see init-cell errors and notebook warnings, which quote the notebook's code.
+AUTHORIZED = web.RequestKey("authorized", bool)
 PROBES = frozenset({"/healthz", "/readyz"})
 STATIC_PREFIX = "/public/"
 
@@ -152,16 +155,20 @@ def auth(settings: Settings, locate: Locator) -> Any:
     token = settings.auth_token.encode()
     open_ops = PROBES if settings.metrics_auth else PROBES | {"/metrics"}
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        where = locate(request)
-        if where.op in open_ops or (where.static and settings.static_path):
-            return await handler(request)
+    def presented(request: web.Request) -> bool:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() not in ("bearer", "token"):
             given = request.query.get("token", "")  # Kernel Gateway's clients may send ?token=
-        if not given or \
-                not hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), token):
+        return bool(given) and \
+            hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), token)
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        where = locate(request)
+        request[AUTHORIZED] = presented(request)
+        if where.op in open_ops or (where.static and settings.static_path):
+            return await handler(request)
+        if not request[AUTHORIZED]:
             return error_response(401, "unauthorized", "a valid token is required: "
                                   "Authorization: Bearer <token>",
                                   {"WWW-Authenticate": 'Bearer realm="kgpool"'})
