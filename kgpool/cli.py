@@ -32,10 +32,11 @@ from .secrets import (
     reexec_without_secrets,
     take_handover,
 )
-from .web import MOUNTS, create_app
+from .web import CONNECTIONS, MOUNTS, create_app
 
 log = logging.getLogger("kgpool")
 ENV_PREFIX = "KGPOOL_"
+LINGER = 2.0
 
 
 def _env_name(name: str) -> str:
@@ -193,8 +194,13 @@ async def serve(settings: Settings) -> int:
         for warning in mount.active.service.notebook.warnings:
             log.warning("%s: %s", mount.name, warning)
     runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                           handler_cancellation=True, shutdown_timeout=2.0)
+                           handler_cancellation=True, shutdown_timeout=2.0,
+                           keepalive_timeout=settings.keepalive_timeout,
+                           # after an early answer (408, 413), unread body bytes are drained
+                           # this long so the client sees the answer, not a reset
+                           lingering_time=LINGER)
     await runner.setup()
+    connections = app[CONNECTIONS]
     stop = asyncio.Event()
     signals = 0
 
@@ -211,9 +217,8 @@ async def serve(settings: Settings) -> int:
     loop.add_signal_handler(signal.SIGHUP, mounts.reload_changed, True)
     try:
         try:
-            site = web.TCPSite(runner, None if settings.host in ("*", "") else settings.host,
-                               settings.port, ssl_context=ssl_context(settings))
-            await site.start()
+            await connections.listen(runner, None if settings.host in ("*", "") else
+                                     settings.host, settings.port, ssl_context(settings))
         except (OSError, ConfigError) as exc:
             log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc)
             return 1
@@ -245,6 +250,7 @@ async def serve(settings: Settings) -> int:
         await mounts.close()  # waiting requests get 503 and running ones end before the
         return 0              # listener closes, so no client is left without an answer
     finally:
+        await connections.close()
         await runner.cleanup()
         log.info("stopped; all kernels shut down")
 

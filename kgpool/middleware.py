@@ -1,7 +1,9 @@
-"""aiohttp middlewares, outermost first: access log and metrics, CORS, JSON errors, auth."""
+"""aiohttp middlewares, outermost first: access log and metrics, CORS, JSON errors, auth, and
+the body deadline."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -58,14 +60,19 @@ class Locator:
     def __call__(self, request: web.Request) -> Where:
         found = request.get(WHERE)
         if found is None:
-            raw = request.rel_url.raw_path
-            rel: str | None = raw
-            if self.base:
-                rel = raw[len(self.base):] or "/" if raw == self.base or \
-                    raw.startswith(self.base + "/") else None
-            found = Where(rel, self.mounts.kgpool_path(rel) if rel is not None else None)
-            request[WHERE] = found
+            found = request[WHERE] = self.where(request.rel_url.raw_path)
         return found
+
+    def where(self, raw: str) -> Where:
+        rel: str | None = raw
+        if self.base:
+            rel = raw[len(self.base):] or "/" if raw == self.base or \
+                raw.startswith(self.base + "/") else None
+        return Where(rel, self.mounts.kgpool_path(rel) if rel is not None else None)
+
+    def op_at(self, raw: str) -> str | None:
+        """Which of kgpool's own paths a raw request path (no query) reaches, if any."""
+        return self.where(raw).op
 
 
 def error_response(status: int, error: str, message: str,
@@ -222,6 +229,38 @@ def cors(settings: Settings, mounts: Mounts, locate: Locator) -> Any:
     return middleware
 
 
+def body_deadline(settings: Settings, mounts: Mounts, locate: Locator) -> Any:
+    """A request for an endpoint gets its body read here, within --body-timeout, or 408 and
+    the connection closed: a slow client never gets as far as a kernel, nor holds a task long.
+    (Once authenticated: an unauthenticated body is never read.)"""
+    timeout = settings.body_timeout
+
+    def reaches_endpoint(request: web.Request) -> bool:
+        rel = locate(request).rel
+        if rel is None or locate(request).op is not None:
+            return False
+        try:
+            found = mounts.match(rel)
+        except UnicodeDecodeError:
+            return False
+        return found is not None and request.method in found[2].endpoints
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.body_exists and (request.content_length or 0) <= settings.max_body_size \
+                and reaches_endpoint(request):
+            try:
+                async with asyncio.timeout(timeout):
+                    await request.read()  # kept by aiohttp: the handler's read() returns it
+            except TimeoutError:
+                response = error_response(408, "body_timeout", "the request body did not "
+                                          f"arrive within {timeout:g}s")
+                response.force_close()  # the rest of the body is not worth waiting for
+                return response
+        return await handler(request)
+    return middleware
+
+
 def middlewares(settings: Settings, metrics: Metrics, mounts: Mounts) -> list[Any]:
     locate = Locator(settings, mounts)
     stack = [access(metrics, locate, settings.trust_xheaders)]
@@ -230,4 +269,6 @@ def middlewares(settings: Settings, metrics: Metrics, mounts: Mounts) -> list[An
     stack.append(json_errors)
     if settings.auth_token:
         stack.append(auth(settings, locate))
+    if settings.body_timeout:
+        stack.append(body_deadline(settings, mounts, locate))
     return stack

@@ -14,6 +14,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from .config import Settings
+from .connections import Connections
 from .errors import (
     ConfigError,
     ExecutionError,
@@ -46,6 +47,7 @@ from .specs import openapi, swagger
 log = logging.getLogger(__name__)
 
 MOUNTS = web.AppKey("mounts", Mounts)
+CONNECTIONS = web.AppKey("connections", Connections)
 RETRY_AFTER = "1"
 SOURCE_PATH = "/_api/source"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -279,9 +281,14 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     mounts = Mounts(mount_specs(settings), settings, metrics)
     if settings.static_path and not Path(settings.static_path).is_dir():
         raise ConfigError(f"--static-path {settings.static_path}: not a folder")
-    app = web.Application(middlewares=middlewares(settings, metrics, mounts),
+    locate = Locator(settings, mounts)
+    connections = Connections(settings.max_connections, settings.header_timeout, metrics,
+                              lambda path: locate.op_at(path) == "/healthz")
+    app = web.Application(middlewares=[connections.middleware,
+                                       *middlewares(settings, metrics, mounts)],
                           client_max_size=settings.max_body_size)
     app[MOUNTS] = mounts
+    app[CONNECTIONS] = connections
     app.router.add_route("*", "/{tail:.*}", Site(settings, mounts, registry).handle)
 
     async def pools(app: web.Application) -> Any:
