@@ -80,7 +80,11 @@ class Connection(asyncio.Protocol):
         self.handler.data_received(data)
 
     def eof_received(self) -> bool | None:
-        return self.handler.eof_received() if self.handler is not None else None
+        if self.handler is None:  # refused: a client done sending gets its answer now
+            if self._head is not None:
+                self._answer()
+            return None
+        return self.handler.eof_received()
 
     def pause_writing(self) -> None:
         if self.handler is not None:

@@ -243,7 +243,10 @@ def body_deadline(settings: Settings, mounts: Mounts, locate: Locator) -> Any:
             found = mounts.match(rel)
         except UnicodeDecodeError:
             return False
-        return found is not None and request.method in found[2].endpoints
+        if found is None or request.method not in found[2].endpoints:
+            return False
+        request[NOTEBOOK], request[ROUTE] = found[0].name, found[2].path  # for a 408's metrics
+        return True
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:

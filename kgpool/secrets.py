@@ -287,6 +287,9 @@ def protect_token(settings: Settings, on_exit: Callable[..., object]) -> Setting
     if not settings.auth_token_file:
         return settings
     path = settings.auth_token_file
+    if not os.path.isfile(path):  # a pipe, /dev/stdin: read once, it holds nothing more
+        log.info("--auth-token-file %s is not a regular file: nothing to seal", path)
+        return settings
     home = os.path.expanduser("~")
     needed = [jupyter_runtime_dir(),
               os.environ.get("IPYTHONDIR") or os.path.join(home, ".ipython")]
