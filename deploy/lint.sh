@@ -65,7 +65,7 @@ render() {   # render DIR FILE
 run "kustomize deploy/kubernetes" render deploy/kubernetes "$OUT/base.yaml"
 run "kustomize deploy/kubernetes/prometheus-adapter" render deploy/kubernetes/prometheus-adapter "$OUT/adapter.yaml"
 run "kustomize deploy/kubernetes/servicemonitor" render deploy/kubernetes/servicemonitor "$OUT/servicemonitor.yaml"
-run "kustomize deploy/kubernetes/token" render deploy/kubernetes/token "$OUT/token.yaml"
+run "kustomize deploy/kubernetes-token" render deploy/kubernetes-token "$OUT/token.yaml"
 for v in $K8S_VERSIONS; do
   for f in base adapter token; do
     run "kubernetes-validate --strict -k $v ($f)" \
@@ -218,7 +218,7 @@ run "deploy/kubernetes/notebook/convert.ipynb == deploy/notebooks/convert.ipynb"
 
 # ---- 4. YAML
 YAMLLINT_CONFIG='{extends: default, rules: {line-length: {max: 110}, document-start: disable, truthy: {check-keys: false}}}'
-mapfile -t yamls < <(find deploy/kubernetes -name '*.yaml' | sort; echo deploy/compose.yaml)
+mapfile -t yamls < <(find deploy/kubernetes deploy/kubernetes-token -name '*.yaml' | sort; echo deploy/compose.yaml)
 run "yamllint (${#yamls[@]} files)" yamllint -s -d "$YAMLLINT_CONFIG" "${yamls[@]}"
 run "compose.yaml against the compose spec" \
   check-jsonschema --builtin-schema vendor.compose-spec deploy/compose.yaml
