@@ -21,6 +21,7 @@ from prometheus_client import disable_created_metrics
 
 from . import __version__
 from .config import HIDDEN_ENV, LOG_LEVELS, Settings
+from .connections import ensure_descriptors
 from .errors import ConfigError, NotebookError
 from .kgcompat import Translation, fetch_seed, is_kernel_gateway_argv, translate
 from .notebook import Notebook, load_notebook
@@ -201,6 +202,9 @@ async def serve(settings: Settings) -> int:
                            lingering_time=LINGER)
     await runner.setup()
     connections = app[CONNECTIONS]
+    shortage = ensure_descriptors(settings.max_connections)
+    if shortage:
+        log.warning("%s", shortage)
     stop = asyncio.Event()
     signals = 0
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import resource
 import ssl
 import time
 from collections.abc import Callable
@@ -27,6 +28,30 @@ REFUSED_HEAD_WAIT = 1.0
 REFUSED_HEAD_MAX = 8192
 REFUSED_LINGER = 2.0
 WARN_EVERY = 10.0
+
+
+# Descriptors kgpool needs beside client connections: its own, and a dozen per kernel
+# (ZMQ sockets, pipes, pidfd) for a few dozen kernels.
+SPARE_DESCRIPTORS = 512
+
+
+def ensure_descriptors(max_connections: int) -> str | None:
+    """Raise the soft RLIMIT_NOFILE so that --max-connections fits (up to the hard limit, as
+    any process may); a warning when it cannot. Running out would fail accepts and kernel
+    starts alike."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max_connections + SPARE_DESCRIPTORS if max_connections else soft
+    if want <= soft or soft == resource.RLIM_INFINITY:
+        return None
+    new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    except (ValueError, OSError):
+        new = soft
+    if new < want:
+        return (f"--max-connections {max_connections} needs about {want} descriptors, but "
+                f"the limit is {new} (ulimit -n): lower it, or raise the limit")
+    return None
 
 
 def raw_answer(status: int, document: dict[str, str], *headers: str) -> bytes:

@@ -7,6 +7,7 @@ import http.client
 import json
 import os
 import select
+import shutil
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -237,3 +238,23 @@ def test_idle_keepalive_connections_make_room_for_new_ones() -> None:
         finally:
             for conn in clients:
                 conn.close()
+
+
+def test_descriptor_limit_is_raised_to_fit_the_connection_limit() -> None:
+    if shutil.which("prlimit") is None:
+        pytest.skip("no prlimit to start kgpool with a low descriptor limit")
+
+    def soft_limit(server: Server) -> int:
+        assert server.proc is not None
+        limits = Path(f"/proc/{server.proc.pid}/limits").read_text().splitlines()
+        return int(next(line for line in limits if line.startswith("Max open files")).split()[3])
+
+    roomy = Server(FUZZ, "--max-connections", "1000")
+    roomy.args = ["prlimit", "--nofile=256:4096", *roomy.args]
+    with roomy:
+        assert soft_limit(roomy) >= 1000
+    tight = Server(FUZZ, "--max-connections", "1000")
+    tight.args = ["prlimit", "--nofile=256:600", *tight.args]
+    with tight:
+        assert soft_limit(tight) == 600  # as far as it may go, and a warning why not more
+        assert "--max-connections 1000 needs about" in tight.output()
