@@ -179,6 +179,12 @@ def _landlock() -> tuple[ctypes.CDLL, int] | str:
     return libc, abi
 
 
+def landlock_unavailable() -> str:
+    """Why this system cannot seal a file, or "" when it can."""
+    found = _landlock()
+    return found if isinstance(found, str) else ""
+
+
 def _prepare(real: str, watched: Iterable[str], needed: Iterable[str], tempdir: str,
              result: Sealing) -> None:
     """Before sealing: make the folders kgpool and the kernels will need (a new entry directly

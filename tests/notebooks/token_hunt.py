@@ -173,7 +173,8 @@ def from_kernel(request: dict[str, Any]) -> dict[str, Any]:
         if os.stat(found).st_uid == os.getuid():  # jupyter_client write for every kernel
             (roots if os.path.isdir(found) else paths).append(found)
     result = hunt(pids, roots, paths, attach=[server])
-    result.update(server=server, environ=sorted(os.environ), connection_file=connection_file)
+    result.update(server=server, environ=sorted(os.environ), connection_file=connection_file,
+                  tmpdir=os.environ.get("TMPDIR"))
     return result
 
 
