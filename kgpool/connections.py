@@ -155,6 +155,14 @@ class Connection(asyncio.Protocol):
         self._head = b""
         self._timer = asyncio.get_running_loop().call_later(REFUSED_HEAD_WAIT, self._answer)
 
+    def answer_now(self) -> None:
+        """503 and close, without waiting for the rest of the request (or the client)."""
+        self._disarm()
+        self._head = None
+        if self.transport is not None:
+            self.transport.write(self._owner.full_answer())
+            self.transport.close()
+
     def _refused_data(self, data: bytes) -> None:
         if self._head is None:
             return  # answered: the rest is read and dropped
@@ -172,9 +180,7 @@ class Connection(asyncio.Protocol):
                 self._owner.is_liveness(line[1].decode("latin-1").split("?", 1)[0]):
             self.transport.write(raw_answer(200, {"status": "ok"}))
         else:
-            self.transport.write(raw_error(
-                503, "too_many_connections", f"the server has {self._owner.max} connections "
-                "open; retry shortly", "Retry-After: 1"))
+            self.transport.write(self._owner.full_answer())
         if not self.transport.can_write_eof():
             self.transport.close()
             return
@@ -205,7 +211,7 @@ class Connections:
         self._metrics = metrics
         self._open: dict[Connection, None] = {}  # admitted, oldest first
         self._by_transport: dict[Any, Connection] = {}
-        self._refused: set[Connection] = set()
+        self._refused: dict[Connection, None] = {}  # beyond the limit, oldest first
         self._server: asyncio.Server | None = None
         self._runner: web.BaseRunner | None = None
         self._warned = 0.0
@@ -254,8 +260,9 @@ class Connections:
         return False
 
     def refuse(self, conn: Connection) -> None:
-        """503 within REFUSED_HEAD_WAIT (200 for a liveness probe); at once, and without
-        reading the request, once too many refused ones are pending already."""
+        """503 within REFUSED_HEAD_WAIT (200 for a liveness probe). Refused connections are
+        bounded too: beyond the bound the oldest one goes, so a quick client (a probe) still
+        gets its answer while slow ones flood in."""
         self.closed("limit")
         now = time.monotonic()
         if now - self._warned > WARN_EVERY:
@@ -263,17 +270,18 @@ class Connections:
             log.warning("%d client connections open (--max-connections): refusing new ones "
                         "with 503", len(self._open))
         if len(self._refused) >= max(16, self.max // 4):
-            assert conn.transport is not None
-            conn.transport.write(raw_error(503, "too_many_connections", "the server has "
-                                           f"{self.max} connections open; retry shortly",
-                                           "Retry-After: 1"))
-            conn.transport.close()
-            return
-        self._refused.add(conn)
+            oldest = next(iter(self._refused))
+            self._refused.pop(oldest)
+            oldest.answer_now()
+        self._refused[conn] = None
         conn.refuse()
 
+    def full_answer(self) -> bytes:
+        return raw_error(503, "too_many_connections", f"the server has {self.max} connections "
+                         "open; retry shortly", "Retry-After: 1")
+
     def forget(self, conn: Connection) -> None:
-        self._refused.discard(conn)
+        self._refused.pop(conn, None)
         if conn in self._open:
             del self._open[conn]
             self._by_transport.pop(conn.transport, None)
