@@ -65,8 +65,9 @@ render() {   # render DIR FILE
 run "kustomize deploy/kubernetes" render deploy/kubernetes "$OUT/base.yaml"
 run "kustomize deploy/kubernetes/prometheus-adapter" render deploy/kubernetes/prometheus-adapter "$OUT/adapter.yaml"
 run "kustomize deploy/kubernetes/servicemonitor" render deploy/kubernetes/servicemonitor "$OUT/servicemonitor.yaml"
+run "kustomize deploy/kubernetes-token" render deploy/kubernetes-token "$OUT/token.yaml"
 for v in $K8S_VERSIONS; do
-  for f in base adapter; do
+  for f in base adapter token; do
     run "kubernetes-validate --strict -k $v ($f)" \
       kubernetes-validate --strict --quiet -k "$v" "$OUT/$f.yaml"
   done
@@ -162,6 +163,27 @@ for ep in sm["spec"]["endpoints"]:
     need(ep["port"] in ports, f"ServiceMonitor port {ep['port']} is not a Service port name")
     need(ep.get("path", "/metrics") == "/metrics", "ServiceMonitor path")
 
+# The token overlay: the token is a file from a Secret, readable by the pod's group only, and
+# no manifest puts a token in the environment (PID 1 would keep it readable).
+tdocs = {d["kind"]: d for d in yaml.safe_load_all((out / "token.yaml").read_text())}
+tpod = tdocs["Deployment"]["spec"]["template"]["spec"]
+tctr = tpod["containers"][0]
+tenv = {e["name"]: e.get("value") for e in tctr["env"]}
+tmounts = {m["mountPath"]: m["name"] for m in tctr["volumeMounts"]}
+tvols = {v["name"]: v for v in tpod["volumes"]}
+token_file = tenv.get("KGPOOL_AUTH_TOKEN_FILE", "")
+secret_dir = token_file.rsplit("/", 1)[0]
+need("secret" in tvols.get(tmounts.get(secret_dir, ""), {}),
+     "token overlay: KGPOOL_AUTH_TOKEN_FILE is not in a Secret mount")
+need(tpod["securityContext"].get("fsGroup") == tpod["securityContext"].get("runAsGroup"),
+     "token overlay: fsGroup must be the container's group, or kgpool cannot read the file")
+need(tenv.get("KGPOOL_NOTEBOOK") == env["KGPOOL_NOTEBOOK"], "token overlay lost the base's env")
+for where, names in (("deployment.yaml", env), ("token overlay", tenv),
+                     ("compose.yaml", compose["services"]["kgpool"].get("environment", {}))):
+    for name in ("KGPOOL_AUTH_TOKEN", "KG_AUTH_TOKEN"):
+        need(name not in names, f"{where}: {name} in the environment is readable by notebook "
+             "code through PID 1; use KGPOOL_AUTH_TOKEN_FILE")
+
 for e in errors:
     print("  " + e)
 sys.exit(1 if errors else 0)
@@ -196,7 +218,7 @@ run "deploy/kubernetes/notebook/convert.ipynb == deploy/notebooks/convert.ipynb"
 
 # ---- 4. YAML
 YAMLLINT_CONFIG='{extends: default, rules: {line-length: {max: 110}, document-start: disable, truthy: {check-keys: false}}}'
-mapfile -t yamls < <(find deploy/kubernetes -name '*.yaml' | sort; echo deploy/compose.yaml)
+mapfile -t yamls < <(find deploy/kubernetes deploy/kubernetes-token -name '*.yaml' | sort; echo deploy/compose.yaml)
 run "yamllint (${#yamls[@]} files)" yamllint -s -d "$YAMLLINT_CONFIG" "${yamls[@]}"
 run "compose.yaml against the compose spec" \
   check-jsonschema --builtin-schema vendor.compose-spec deploy/compose.yaml

@@ -20,15 +20,24 @@ from aiohttp import web
 from prometheus_client import disable_created_metrics
 
 from . import __version__
-from .config import LOG_LEVELS, SECRET_ENV, Settings
+from .config import HIDDEN_ENV, LOG_LEVELS, Settings
+from .connections import ensure_descriptors
 from .errors import ConfigError, KgpoolError, NotebookError
 from .kgcompat import Translation, fetch_seed, is_kernel_gateway_argv, translate
 from .notebook import Notebook, load_notebook
 from .routes import Router
-from .web import MOUNTS, create_app
+from .secrets import (
+    carries_token,
+    forbid_inspection,
+    protect_token,
+    reexec_without_secrets,
+    take_handover,
+)
+from .web import CONNECTIONS, MOUNTS, create_app
 
 log = logging.getLogger("kgpool")
 ENV_PREFIX = "KGPOOL_"
+LINGER = 2.0
 
 
 def _env_name(name: str) -> str:
@@ -133,7 +142,10 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str],
             values[f.name] = value
     if not values.get("notebooks"):
         raise ConfigError("a NOTEBOOK argument (or KGPOOL_NOTEBOOK) is required")
-    values["kernel_env"] = {k: v for k, v in environ.items() if k not in SECRET_ENV}
+    if values.get("auth_token") and values.get("auth_token_file"):
+        raise ConfigError("give the token one way: --auth-token-file or the token itself "
+                          "(--auth-token, KGPOOL_AUTH_TOKEN, KG_AUTH_TOKEN), not both")
+    values["kernel_env"] = {k: v for k, v in environ.items() if k not in HIDDEN_ENV}
     return Settings(**values)
 
 
@@ -183,13 +195,21 @@ async def serve(settings: Settings) -> int:
         for warning in mount.service.notebook.warnings:
             log.warning("%s: %s", mount.name, warning)
     runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                           handler_cancellation=True, shutdown_timeout=2.0)
+                           handler_cancellation=True, shutdown_timeout=2.0,
+                           keepalive_timeout=settings.keepalive_timeout,
+                           # after an early answer (408, 413), unread body bytes are drained
+                           # this long so the client sees the answer, not a reset
+                           lingering_time=LINGER)
     try:
         await runner.setup()  # starts the pools' warm-up
     except KgpoolError as exc:
         log.error("cannot start: %s", exc)
         await runner.cleanup()
         return 1
+    connections = app[CONNECTIONS]
+    shortage = ensure_descriptors(settings.max_connections)
+    if shortage:
+        log.warning("%s", shortage)
     stop = asyncio.Event()
     signals = 0
 
@@ -206,9 +226,8 @@ async def serve(settings: Settings) -> int:
     loop.add_signal_handler(signal.SIGHUP, mounts.reload_changed, True)
     try:
         try:
-            site = web.TCPSite(runner, None if settings.host in ("*", "") else settings.host,
-                               settings.port, ssl_context=ssl_context(settings))
-            await site.start()
+            await connections.listen(runner, None if settings.host in ("*", "") else
+                                     settings.host, settings.port, ssl_context(settings))
         except (OSError, ConfigError) as exc:
             log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc)
             return 1
@@ -240,6 +259,7 @@ async def serve(settings: Settings) -> int:
         await mounts.close()  # waiting requests get 503 and running ones end before the
         return 0              # listener closes, so no client is left without an answer
     finally:
+        await connections.close()
         await runner.cleanup()
         log.info("stopped; all kernels shut down")
 
@@ -278,24 +298,33 @@ def kernel_gateway_settings(argv: list[str], environ: Mapping[str, str],
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    environ: Mapping[str, str] = os.environ
+    notes: list[str] = []
+    own = argv is None
+    if argv is None:  # the process is kgpool's own: keep the token out of its /proc entries
+        try:
+            argv, environ, notes = _own_process(sys.argv[1:])
+        except ConfigError as exc:
+            print(f"kgpool: error: {exc}", file=sys.stderr)
+            return 2
+    argv = list(argv)
     if argv[:1] == ["kernelgateway"]:  # `jupyter kernelgateway ...` with one word changed
         argv = argv[1:]
     kg_mode = is_kernel_gateway_argv(argv) and \
-        (bool(argv) or any(k.startswith("KG_") for k in os.environ))
+        (bool(argv) or any(k.startswith("KG_") for k in environ))
     with contextlib.ExitStack() as stack:
         try:
             if kg_mode:
                 settings, translation = kernel_gateway_settings(
-                    argv, os.environ, lambda: stack.enter_context(
+                    argv, environ, lambda: stack.enter_context(
                         tempfile.TemporaryDirectory(prefix="kgpool-seed-")))
             else:
                 args = build_parser().parse_args(argv)
                 if args.command == "routes":
                     print_routes(load_notebook(args.notebook))
                     return 0
-                settings, translation = settings_from(args, os.environ), Translation()
-            for name in SECRET_ENV:  # kernels must not inherit a token
+                settings, translation = settings_from(args, environ), Translation()
+            for name in HIDDEN_ENV:  # kernels must not inherit a token
                 os.environ.pop(name, None)
             disable_created_metrics()  # *_created series double the count; nobody graphs them
             configure_logging(settings.log_format, settings.log_level)
@@ -306,6 +335,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("Kernel Gateway options read: %s", ", ".join(
                 f"{k}={'***' if k == 'auth_token' else v!r}"
                 for k, v in translation.values.items()))
-        for note in translation.notes:
+        for note in [*translation.notes, *notes]:
             log.warning("%s", note)
+        if settings.auth_token and own:
+            settings = protect_token(settings, stack.callback)
         return asyncio.run(serve(settings))
+
+
+def _own_process(argv: list[str]) -> tuple[list[str], Mapping[str, str], list[str]]:
+    """The real arguments and environment, re-executing first when either holds a token."""
+    handed = take_handover(os.environ)
+    if handed is not None:
+        forbid_inspection()  # before anything else: the new process starts inspectable
+        real_argv, secrets = handed
+        return real_argv, {**os.environ, **secrets}, []
+    if carries_token(argv, os.environ):
+        forbid_inspection()
+        reason = reexec_without_secrets(argv, os.environ)  # returns only if it could not
+        note = f"the token stays visible in /proc/{os.getpid()}/environ or /cmdline: {reason}"
+        return argv, os.environ, [note]
+    return argv, os.environ, []

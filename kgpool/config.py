@@ -14,8 +14,13 @@ from .errors import ConfigError
 LOG_FORMATS = ("text", "json")
 CHANNELS = ("direct", "jupyter")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-# Environment variables that hold secrets: never passed on to kernels.
+# Environment variables that hold secrets: never passed on to kernels, and kgpool re-executes
+# itself without them (kgpool/secrets.py) so that its /proc/<pid>/environ does not show them.
 SECRET_ENV = frozenset({"KGPOOL_AUTH_TOKEN", "KG_AUTH_TOKEN"})
+# Not secret themselves, but no business of the kernels: where the token is, and kgpool's own
+# hand-over descriptor across that re-exec.
+HIDDEN_ENV = SECRET_ENV | {"KGPOOL_AUTH_TOKEN_FILE", "KGPOOL_HANDOVER_FD"}
+TOKEN_FILE_LIMIT = 64 * 1024
 _BASE_URL = re.compile(r"(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)*/?\Z")
 
 
@@ -98,7 +103,11 @@ class Settings:
         choices=CHANNELS)
     auth_token: str = _opt(
         "", "require 'Authorization: Bearer TOKEN' (or 'token TOKEN') on endpoint requests; "
-        "prefer the environment variable, which keeps the token out of ps", secret=True)
+        "prefer --auth-token-file (see README: what notebook code can and cannot see)",
+        secret=True)
+    auth_token_file: str = _opt(
+        "", "read the token from this file once at start-up (one line; a trailing newline is "
+        "dropped); kgpool then keeps notebook code from reading the file where Linux allows")
     metrics_auth: bool = _opt(False, "require the token on /metrics too")
     max_response_size: int = _opt(
         64 * 1024 * 1024, "largest answer in bytes (characters of output); a cell that prints "
@@ -106,6 +115,19 @@ class Settings:
     max_body_size: int = _opt(
         10 * 1024 * 1024, "largest request body in bytes; larger ones get 413 before a kernel "
         "is involved")
+    body_timeout: float = _opt(
+        60.0, "seconds a client may take to send a request body once its headers are in; "
+        "past it 408 and the connection is closed, before any kernel is involved (0 disables)")
+    header_timeout: float = _opt(
+        20.0, "seconds a client may take to send a request's line and headers (from the "
+        "connection's start, or from the first byte of a later request on it); past it the "
+        "connection is closed (0 disables)")
+    keepalive_timeout: float = _opt(
+        75.0, "seconds an idle keep-alive connection stays open; behind a load balancer, set "
+        "it above the balancer's own idle timeout")
+    max_connections: int = _opt(
+        1000, "open client connections at most; beyond it an idle keep-alive connection is "
+        "closed to make room, or the new one gets 503 at once (0: no limit)")
     allow_origin: str = _opt(
         "", "CORS: origins allowed to call from a browser, comma-separated, or * (none if empty)")
     allow_methods: str = _opt(
@@ -137,8 +159,8 @@ class Settings:
             raise ConfigError("--allow-credentials needs explicit origins, not *")
         for name in ("timeout", "shutdown_timeout", "max_queue", "max_requests",
                      "max_response_size", "warmup_concurrency", "max_kernels",
-                     "scale_up_delay",
-                     "max_requests_jitter", "max_age"):
+                     "scale_up_delay", "max_requests_jitter", "max_age", "body_timeout",
+                     "header_timeout", "keepalive_timeout", "max_connections"):
             if getattr(self, name) < 0:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} must not be negative, not {getattr(self, name)}")
@@ -161,7 +183,9 @@ class Settings:
         if self.client_ca and not self.certfile:
             raise ConfigError("--client-ca needs --certfile (client certificates need TLS)")
         _ = self.comment_prefixes  # validates the syntax
-        env = {k: v for k, v in self.kernel_env.items() if k not in SECRET_ENV}
+        if self.auth_token_file and not self.auth_token:
+            object.__setattr__(self, "auth_token", read_token_file(self.auth_token_file))
+        env = {k: v for k, v in self.kernel_env.items() if k not in HIDDEN_ENV}
         object.__setattr__(self, "kernel_env", env)
 
     @property
@@ -194,3 +218,26 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+def read_token_file(path: str) -> str:
+    """The token in `path`: read once, the file closed at once, one trailing newline dropped."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(TOKEN_FILE_LIMIT + 1)
+    except OSError as exc:
+        raise ConfigError(f"--auth-token-file {path}: cannot read it: {exc.strerror}") from None
+    if len(data) > TOKEN_FILE_LIMIT:
+        raise ConfigError(f"--auth-token-file {path}: larger than {TOKEN_FILE_LIMIT} bytes; "
+                          "it should hold the token alone")
+    data = data.removesuffix(b"\n").removesuffix(b"\r")
+    try:
+        token = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"--auth-token-file {path}: not UTF-8 text") from None
+    if not token:
+        raise ConfigError(f"--auth-token-file {path}: the file is empty")
+    if token != token.strip() or not token.isprintable():
+        raise ConfigError(f"--auth-token-file {path}: the token must be one line, without "
+                          "control characters or leading and trailing whitespace")
+    return token

@@ -56,16 +56,21 @@ textarea{width:100%;height:4rem} .status{padding:.4rem .7rem;background:#eef;bor
 """
 
 
-def render_index(served: list[tuple[str, str, Notebook]]) -> str:
-    """HTML for (name, prefix, notebook) triples; paths are relative so a proxy prefix works."""
+def render_index(served: list[tuple[str, str, Notebook]], details: bool = True) -> str:
+    """HTML for (name, prefix, notebook) triples; paths are relative so a proxy prefix works.
+    The warnings quote cells: without `details` only their number is shown."""
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>kgpool</title>",
              f"<style>{_STYLE}</style></head><body><main data-kgpool-index>",
              "<h1>kgpool</h1><p class='status' data-pool-status>loading pool status…</p>"]
     for name, prefix, notebook in served:
         parts.append(f"<h2>{escape(name)} <small>{escape(prefix or '/')}</small></h2>")
-        if notebook.warnings:
+        if notebook.warnings and details:
             parts.append("<ul class='warnings' data-warnings>" + "".join(
                 f"<li>{escape(w)}</li>" for w in notebook.warnings) + "</ul>")
+        elif notebook.warnings:
+            parts.append(f"<p class='warnings' data-warnings>{len(notebook.warnings)} "
+                         "warning(s) about this notebook's cells: the server log has them "
+                         "(and this page, with a token configured)</p>")
         for ep in notebook.endpoints:
             full = prefix + ep.path
             label = escape(f"{ep.method} {full}", quote=True)

@@ -27,6 +27,7 @@ _LAG = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _STARTUP = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 RESTART_REASONS = ("crash", "timeout", "recycle", "init_failed", "reload", "cancelled")
 REJECT_REASONS = ("queue_full", "draining", "not_ready")
+CONNECTION_CLOSE_REASONS = ("limit", "idle", "header_timeout")
 # notebook name -> the status of every pool serving it (two while a reload swaps pools)
 StatusSource = Callable[[], Mapping[str, list[PoolStatus]]]
 
@@ -111,6 +112,14 @@ class Metrics:
                                   "How late the event loop ran a timer: time it spent on one "
                                   "piece of work, during which nothing else was answered.",
                                   buckets=_LAG, registry=registry)
+        self.connections = Gauge("kgpool_connections", "Open client connections.",
+                                 registry=registry)
+        self.connections_closed = Counter(
+            "kgpool_connections_closed", "Client connections kgpool refused or closed on its "
+            "own: at --max-connections (limit: 503, idle: to make room), or because a request's "
+            "head came too slowly (header_timeout).", ["reason"], registry=registry)
+        for reason in CONNECTION_CLOSE_REASONS:
+            self.connections_closed.labels(reason)
         info = Gauge("kgpool_build_info", "kgpool build information.",
                      ["version", "python"], registry=registry)
         info.labels(__version__, platform.python_version()).set(1)

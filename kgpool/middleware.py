@@ -1,4 +1,5 @@
-"""aiohttp middlewares, outermost first: access log and metrics, CORS, JSON errors, auth."""
+"""aiohttp middlewares, outermost first: access log and metrics, CORS, JSON errors, auth, and
+the body deadline."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CALL = web.RequestKey("call", CallInfo)
 ROUTE = web.RequestKey("route", str)
 NOTEBOOK = web.RequestKey("notebook", str)
+# The request presented the valid token (only ever True when a token is configured): what
+# may see init-cell errors and notebook warnings, which quote the notebook's code.
+AUTHORIZED = web.RequestKey("authorized", bool)
 PROBES = frozenset({"/healthz", "/readyz"})
 STATIC_PREFIX = "/public/"
 CLIENT_CLOSED = 499  # nginx's code for a client that closed the connection before the answer
@@ -57,14 +61,19 @@ class Locator:
     def __call__(self, request: web.Request) -> Where:
         found = request.get(WHERE)
         if found is None:
-            raw = request.rel_url.raw_path
-            rel: str | None = raw
-            if self.base:
-                rel = raw[len(self.base):] or "/" if raw == self.base or \
-                    raw.startswith(self.base + "/") else None
-            found = Where(rel, self.mounts.kgpool_path(rel) if rel is not None else None)
-            request[WHERE] = found
+            found = request[WHERE] = self.where(request.rel_url.raw_path)
         return found
+
+    def where(self, raw: str) -> Where:
+        rel: str | None = raw
+        if self.base:
+            rel = raw[len(self.base):] or "/" if raw == self.base or \
+                raw.startswith(self.base + "/") else None
+        return Where(rel, self.mounts.kgpool_path(rel) if rel is not None else None)
+
+    def op_at(self, raw: str) -> str | None:
+        """Which of kgpool's own paths a raw request path (no query) reaches, if any."""
+        return self.where(raw).op
 
 
 def error_response(status: int, error: str, message: str,
@@ -157,16 +166,20 @@ def auth(settings: Settings, locate: Locator) -> Any:
     token = settings.auth_token.encode()
     open_ops = PROBES if settings.metrics_auth else PROBES | {"/metrics"}
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        where = locate(request)
-        if where.op in open_ops or (where.static and settings.static_path):
-            return await handler(request)
+    def presented(request: web.Request) -> bool:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() not in ("bearer", "token"):
             given = request.query.get("token", "")  # Kernel Gateway's clients may send ?token=
-        if not given or \
-                not hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), token):
+        return bool(given) and \
+            hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), token)
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        where = locate(request)
+        request[AUTHORIZED] = presented(request)
+        if where.op in open_ops or (where.static and settings.static_path):
+            return await handler(request)
+        if not request[AUTHORIZED]:
             return error_response(401, "unauthorized", "a valid token is required: "
                                   "Authorization: Bearer <token>",
                                   {"WWW-Authenticate": 'Bearer realm="kgpool"'})
@@ -220,6 +233,41 @@ def cors(settings: Settings, mounts: Mounts, locate: Locator) -> Any:
     return middleware
 
 
+def body_deadline(settings: Settings, mounts: Mounts, locate: Locator) -> Any:
+    """A request for an endpoint gets its body read here, within --body-timeout, or 408 and
+    the connection closed: a slow client never gets as far as a kernel, nor holds a task long.
+    (Once authenticated: an unauthenticated body is never read.)"""
+    timeout = settings.body_timeout
+
+    def reaches_endpoint(request: web.Request) -> bool:
+        rel = locate(request).rel
+        if rel is None or locate(request).op is not None:
+            return False
+        try:
+            found = mounts.match(rel)
+        except UnicodeDecodeError:
+            return False
+        if found is None or request.method not in found[1].endpoints:
+            return False
+        request[NOTEBOOK], request[ROUTE] = found[0].name, found[1].path  # for a 408's metrics
+        return True
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.body_exists and (request.content_length or 0) <= settings.max_body_size \
+                and reaches_endpoint(request):
+            try:
+                async with asyncio.timeout(timeout):
+                    await request.read()  # kept by aiohttp: the handler's read() returns it
+            except TimeoutError:
+                response = error_response(408, "body_timeout", "the request body did not "
+                                          f"arrive within {timeout:g}s")
+                response.force_close()  # the rest of the body is not worth waiting for
+                return response
+        return await handler(request)
+    return middleware
+
+
 def middlewares(settings: Settings, metrics: Metrics, mounts: Mounts) -> list[Any]:
     locate = Locator(settings, mounts)
     stack = [access(metrics, locate, settings.trust_xheaders)]
@@ -228,4 +276,6 @@ def middlewares(settings: Settings, metrics: Metrics, mounts: Mounts) -> list[An
     stack.append(json_errors)
     if settings.auth_token:
         stack.append(auth(settings, locate))
+    if settings.body_timeout:
+        stack.append(body_deadline(settings, mounts, locate))
     return stack

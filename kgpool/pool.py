@@ -164,7 +164,7 @@ class KernelPool:
                     self._listener.queue_waited(0.0)
                     return self._lend(lease)
         if self._started and not self._idle and not self._busy and self._failing:
-            raise PoolUnavailable("no kernel can be warmed")
+            raise PoolUnavailable(self._why_unavailable())
         if len(self._waiters) >= self.max_queue:
             raise QueueFull(f"{len(self._waiters)} request(s) already waiting for a kernel")
         self._waiters.append(waiter)
@@ -249,6 +249,10 @@ class KernelPool:
             if not waiter.future.done():
                 waiter.future.set_exception(error)
         self._notify_if_quiet()
+
+    def _why_unavailable(self) -> str:
+        """Quotes init cells: the web layer shows it only to a request with the token."""
+        return "no warm kernel: " + "; ".join(self._failing.values())
 
     def _fail_orphans(self) -> None:
         """Waiters for an endpoint that no remaining version has (a reload removed it)."""
@@ -357,7 +361,7 @@ class KernelPool:
                 log.error("kernel slot %d failed to warm (attempt %d), retrying in %.1fs: %s",
                           slot, failures, backoff(failures), exc)
                 if not self._idle and not self._busy:
-                    self._fail_waiters(PoolUnavailable("no kernel can be warmed"))
+                    self._fail_waiters(PoolUnavailable(self._why_unavailable()))
                 await asyncio.sleep(backoff(failures))
                 continue
             self._failing.pop(slot, None)

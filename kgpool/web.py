@@ -14,6 +14,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from .config import Settings
+from .connections import Connections
 from .errors import (
     ConfigError,
     EndpointRemoved,
@@ -30,6 +31,7 @@ from .errors import (
 from .index import render_index
 from .metrics import Metrics
 from .middleware import (
+    AUTHORIZED,
     CALL,
     NOTEBOOK,
     ROUTE,
@@ -47,6 +49,7 @@ from .specs import openapi, swagger
 log = logging.getLogger(__name__)
 
 MOUNTS = web.AppKey("mounts", Mounts)
+CONNECTIONS = web.AppKey("connections", Connections)
 RETRY_AFTER = "1"
 SOURCE_PATH = "/_api/source"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -67,8 +70,10 @@ _STATUS_TABLE: tuple[tuple[type[BaseException], int, str, dict[str, str]], ...] 
 REJECTIONS = frozenset({"queue_full", "draining", "not_ready"})
 
 
-def describe(exc: BaseException) -> tuple[int, str, str, dict[str, str]]:
-    """(status, error, message, headers) for an exception from the service; others re-raise."""
+def describe(exc: BaseException, details: bool = False) -> tuple[int, str, str, dict[str, str]]:
+    """(status, error, message, headers) for an exception from the service; others re-raise.
+    Warm-up failures quote init cells: their text only with `details` (the request presented
+    the valid token), else the server log has it."""
     if isinstance(exc, ExecutionError):
         return 500, exc.ename, exc.evalue, {}
     if isinstance(exc, KernelDied):
@@ -76,8 +81,19 @@ def describe(exc: BaseException) -> tuple[int, str, str, dict[str, str]]:
                                     "replaced"), {}
     for kind, status, error, headers in _STATUS_TABLE:
         if isinstance(exc, kind):
-            return status, error, str(exc), headers
+            message = str(exc) if details or kind is not PoolUnavailable else WARM_UP_HIDDEN
+            return status, error, message, headers
     raise exc
+
+
+WARM_UP_HIDDEN = "no kernel is warm and warm-ups keep failing; the server log has the reason"
+_SLOT = re.compile(r"slot \d+(?=: )")
+
+
+def redacted_failure(text: str) -> str:
+    """A warm-up failure without the init cell's code or exception: which slot, no more."""
+    slot = _SLOT.match(text)
+    return (f"{slot.group(0)}: " if slot else "") + "warm-up failed; the server log has the reason"
 
 
 class NotebookHandler:
@@ -122,7 +138,7 @@ class NotebookHandler:
         try:
             reply = await mount.service.call(endpoint, data, request[CALL])
         except Exception as exc:
-            status, error, message, headers = describe(exc)
+            status, error, message, headers = describe(exc, details=self.hide_token)
             if error in REJECTIONS:
                 mount.service.metrics.rejected_request(error)
             if self.expose_traceback and isinstance(exc, ExecutionError):
@@ -164,16 +180,23 @@ class OpsHandlers:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
+        """Pool state for probes; the reasons of failed warm-ups and reloads (init cells'
+        code and exceptions) only for a request that presented the valid token."""
         ready = self.mounts.ready
+        details = request.get(AUTHORIZED, False)
         notebooks: dict[str, dict[str, Any]] = {}
         for mount in self.mounts.all:
             status = mount.service.status()
+            reload_error = mount.reload_error
+            if reload_error is not None and not details:
+                reload_error = "the new version was refused; the server log has the reason"
             notebooks[mount.name] = {
                 "prefix": mount.prefix or "/", "ready": mount.service.ready,
                 "kernels": {"desired": status.desired, "idle": status.idle,
                             "busy": status.busy, "starting": status.starting},
-                "queued": status.queued, "failing": list(status.failing),
-                "reload_error": mount.reload_error}
+                "queued": status.queued,
+                "failing": [f if details else redacted_failure(f) for f in status.failing],
+                "reload_error": reload_error}
         total = {key: sum(n["kernels"][key] for n in notebooks.values())
                  for key in ("desired", "idle", "busy", "starting")}
         body = {"status": "ready" if ready else "not ready", "kernels": total,
@@ -234,7 +257,7 @@ class Site:
                                     content_type="application/octet-stream")
         if rel == "/" and request.method == "GET" and self.mounts.route_of("/") is None:
             request[ROUTE] = "/"
-            return index_page(self.mounts)
+            return index_page(self.mounts, details=request.get(AUTHORIZED, False))
         return await self.notebooks.handle(request, rel)
 
 
@@ -252,9 +275,11 @@ def static_file(root: Path, name: str) -> web.StreamResponse:
     return web.FileResponse(target)
 
 
-def index_page(mounts: Mounts) -> web.Response:
+def index_page(mounts: Mounts, details: bool = False) -> web.Response:
+    """The index; the notebooks' warnings quote cells, so their text only with `details`."""
     return web.Response(text=render_index([(m.name, m.prefix, m.service.notebook)
-                                           for m in mounts.all]), content_type="text/html")
+                                           for m in mounts.all], details),
+                        content_type="text/html")
 
 
 def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> web.Application:
@@ -266,9 +291,14 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     mounts = Mounts(mount_specs(settings), settings, metrics)
     if settings.static_path and not Path(settings.static_path).is_dir():
         raise ConfigError(f"--static-path {settings.static_path}: not a folder")
-    app = web.Application(middlewares=middlewares(settings, metrics, mounts),
+    locate = Locator(settings, mounts)
+    connections = Connections(settings.max_connections, settings.header_timeout, metrics,
+                              lambda path: locate.op_at(path) == "/healthz")
+    app = web.Application(middlewares=[connections.middleware,
+                                       *middlewares(settings, metrics, mounts)],
                           client_max_size=settings.max_body_size)
     app[MOUNTS] = mounts
+    app[CONNECTIONS] = connections
     app.router.add_route("*", "/{tail:.*}", Site(settings, mounts, registry).handle)
 
     async def pools(app: web.Application) -> Any:

@@ -161,19 +161,21 @@ def test_recycling_after_max_requests_keeps_capacity() -> None:
 
 def test_failing_replacements_make_readyz_fail_and_requests_503(tmp_path: Path) -> None:
     flag = tmp_path / "break-init"
+    token = {"Authorization": "Bearer t0k"}  # the reasons quote init cells: behind the token
     server = Server(NOTEBOOKS / "flaky_init.ipynb", "--kernels", "1",
-                    env={"KGPOOL_TEST_FLAG": str(flag)})
+                    env={"KGPOOL_TEST_FLAG": str(flag), "KGPOOL_AUTH_TOKEN": "t0k"})
     with server:
-        assert server.get("/ok").status == 200
+        assert server.get("/ok", headers=token).status == 200
         flag.write_text("x")
         os.kill(server.kernel_pids()[0], signal.SIGKILL)
         wait_for(lambda: server.get("/readyz").json()["failing"], what="a failed warm-up")
-        ready = server.get("/readyz").json()
+        ready = server.get("/readyz", headers=token).json()
         assert ready["status"] == "not ready"
         assert "flag file present" in " ".join(ready["failing"])
-        resp = server.get("/ok")
+        assert "flag file present" not in server.get("/readyz").text
+        resp = server.get("/ok", headers=token)
         assert resp.status == 503 and resp.json()["error"] == "not_ready"  # not a 504
         assert "failed to warm" in server.output()
         flag.unlink()  # the cause goes away: the back-off retry heals the pool
         wait_for(lambda: server.get("/readyz").status == 200, timeout=60, what="recovery")
-        assert server.get("/ok").status == 200
+        assert server.get("/ok", headers=token).status == 200

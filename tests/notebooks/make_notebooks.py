@@ -214,3 +214,16 @@ write("warmup_log", [
     "with open(os.environ['KGPOOL_TEST_FLAG'], 'a') as f:\n    f.write(f'end {os.getpid()}\\n')",
     "# GET /pid\nprint(os.getpid(), end='')",
 ])
+# Tries every way a kernel has to find kgpool's auth token (token_hunt.py, next to it) and
+# answers GET /hunt with what it found; an init cell that fails quotes its code and exception.
+write("token_hunt", [
+    "MD:# Token hunt\nNotebook code hunting for the server's auth token (tests/test_secrets.py).",
+    "import json\nwith open('token_hunt.py') as source:\n    HUNT = {'__name__': 'token_hunt'}\n"
+    "    exec(compile(source.read(), 'token_hunt.py', 'exec'), HUNT)",
+    "# GET /hunt\nprint(json.dumps(HUNT['from_kernel'](json.loads(REQUEST))), end='')",
+])
+write("init_leaks", [
+    "import os\nif os.path.exists(os.environ.get('KGPOOL_TEST_FLAG', '')):\n"
+    "    raise RuntimeError('db password is hunter2')",
+    "# GET /ok\nprint('ok', end='')",
+])
