@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import uuid
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from jupyter_client.manager import AsyncKernelManager
 
 from .errors import KernelDied, KernelError
@@ -25,18 +27,32 @@ log = logging.getLogger(__name__)
 SHUTDOWN_GRACE = 1.0
 
 
+def spec_language(kernel_name: str) -> str:
+    """The language an installed kernel spec declares (its kernel.json), in lower case."""
+    specs = KernelSpecManager()
+    try:
+        spec = specs.get_kernel_spec(kernel_name)
+    except NoSuchKernel:
+        found = ", ".join(sorted(specs.find_kernel_specs())) or "none"
+        raise KernelError(f"no kernel spec named {kernel_name!r} is installed (installed: "
+                          f"{found})") from None
+    return str(spec.language or "").lower()
+
+
 class Kernel:
     """A started kernel that runs one piece of code at a time and fails fast if it dies."""
 
     def __init__(self, kernel_name: str, *, context: zmq.asyncio.Context,
                  label: str = "kernel", on_death: Callable[[Kernel], None] | None = None,
-                 cwd: str | None = None, ipc_dir: str | None = None) -> None:
+                 cwd: str | None = None, ipc_dir: str | None = None,
+                 tmp_dir: str | None = None) -> None:
         self.kernel_name = kernel_name
         self.label = label
         self._context = context
         self._on_death = on_death
         self._cwd = cwd
         self._ipc_dir = ipc_dir
+        self._tmp_dir = tmp_dir  # the kernel's TMPDIR, removed with it (killed kernels leak)
         self._km: AsyncKernelManager | None = None
         self._wire: Wire | None = None
         self._shell: Any = None
@@ -60,8 +76,12 @@ class Kernel:
         else:
             self._km = AsyncKernelManager(kernel_name=self.kernel_name, context=self._context)
         self._km.shutdown_wait_time = SHUTDOWN_GRACE
+        extra: dict[str, Any] = {}
+        if self._tmp_dir:
+            os.makedirs(self._tmp_dir, mode=0o700, exist_ok=True)
+            extra["env"] = {**os.environ, "TMPDIR": self._tmp_dir}
         try:
-            await self._km.start_kernel(cwd=self._cwd)
+            await self._km.start_kernel(cwd=self._cwd, **extra)
         except Exception as exc:
             raise KernelError(f"cannot start kernel {self.kernel_name!r}: {exc}") from exc
         process = self._process()
@@ -161,6 +181,8 @@ class Kernel:
             if self._km is not None:
                 with contextlib.suppress(Exception):
                     await self._km.shutdown_kernel(now=True)
+            if self._tmp_dir:
+                shutil.rmtree(self._tmp_dir, ignore_errors=True)
 
     def kill(self) -> None:
         """SIGKILL the kernel's process group (the kernel and anything it spawned)."""

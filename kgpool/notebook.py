@@ -11,7 +11,7 @@ from typing import Any
 import nbformat
 
 from .errors import NotebookError
-from .languages import COMMENT_PREFIXES
+from .languages import comment_prefixes
 
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
 
@@ -73,9 +73,11 @@ def parse_notebook(text: str, name: str = "notebook") -> Notebook:
     language = str((metadata.get("language_info") or {}).get("name")
                    or (metadata.get("kernelspec") or {}).get("language") or "python").lower()
     kernel_name = str((metadata.get("kernelspec") or {}).get("name") or "python3")
-    prefix = COMMENT_PREFIXES.get(language, "#")
+    # the notebook's language chooses only the comment syntax; the kernel started (and so the
+    # REQUEST binding) is the service's business
+    prefixes = comment_prefixes(language)
     code_cells = [Cell(i, _source(c)) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
-    return _build(name, language, kernel_name, prefix, code_cells)
+    return _build(name, language, kernel_name, prefixes, code_cells)
 
 
 def _source(cell: Mapping[str, Any]) -> str:
@@ -83,16 +85,17 @@ def _source(cell: Mapping[str, Any]) -> str:
     return "".join(source) if isinstance(source, list) else str(source)
 
 
-def _annotation_patterns(prefix: str) -> tuple[re.Pattern[str], re.Pattern[str]]:
-    p = re.escape(prefix)
+def _annotation_patterns(prefixes: tuple[str, ...]) -> tuple[re.Pattern[str], re.Pattern[str]]:
+    p = "(?:" + "|".join(map(re.escape, prefixes)) + ")"
     strict = re.compile(rf"{p}[ \t]+(ResponseInfo[ \t]+)?({'|'.join(METHODS)})[ \t]+(/.*)")
     loose = re.compile(rf"{p}[ \t]*(ResponseInfo[ \t]*)?[A-Za-z]+[ \t]+/", re.IGNORECASE)
     return strict, loose
 
 
-def _build(name: str, language: str, kernel_name: str, prefix: str,
+def _build(name: str, language: str, kernel_name: str, prefixes: tuple[str, ...],
            cells: list[Cell]) -> Notebook:
-    strict, loose = _annotation_patterns(prefix)
+    strict, loose = _annotation_patterns(prefixes)
+    prefix = prefixes[0]
     init: list[Cell] = []
     bodies: dict[tuple[str, str], list[Cell]] = {}
     infos: dict[tuple[str, str], list[Cell]] = {}

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -20,6 +21,7 @@ import zmq.asyncio
 from .config import Settings
 from .direct import DirectChannel
 from .errors import (
+    ConfigError,
     ExecutionError,
     ExecutionTimeout,
     InitError,
@@ -27,8 +29,8 @@ from .errors import (
     KernelError,
     ResponseInfoError,
 )
-from .kernel import Kernel
-from .languages import bind_request
+from .kernel import Kernel, spec_language
+from .languages import Language, kernel_language, read_error, transport_for
 from .metrics import NotebookMetrics
 from .notebook import Endpoint, Notebook
 from .outputs import ExecutionResult, choose_body
@@ -38,24 +40,6 @@ from .requests import RequestData, request_document
 log = logging.getLogger(__name__)
 
 NO_BODY_STATUSES = frozenset({204, 304})
-# Run in every Python kernel before the init cells: a cell whose value is bytes gets an
-# application/octet-stream representation, so it can answer with those bytes.
-PYTHON_SETUP = """
-def _kgpool_setup():
-    from IPython.core.formatters import BaseFormatter
-    from traitlets import ObjectName, Unicode
-    class BytesFormatter(BaseFormatter):
-        format_type = Unicode("application/octet-stream")
-        print_method = ObjectName("_repr_octet_stream_")
-        _return_type = (bytes,)
-    display = get_ipython().display_formatter
-    formatter = BytesFormatter(parent=display)
-    formatter.for_type(bytes, bytes)
-    formatter.for_type(bytearray, bytes)
-    display.formatters[formatter.format_type] = formatter
-_kgpool_setup()
-del _kgpool_setup
-"""
 
 
 @dataclass
@@ -81,6 +65,9 @@ class NotebookService:
         self.settings = settings
         self.metrics = metrics
         self.kernel_name = settings.kernel_name or notebook.kernel_name
+        self.language = self._language()  # the kernel's, not the notebook's metadata
+        self.transport = transport_for(self.language, settings.transport)
+        self._marker = f"kgpool-error-{secrets.token_hex(12)}:"  # see Language.guard
         self._cwd = str(path.resolve().parent) if path is not None else None
         self._context = zmq.asyncio.Context()
         self._ipc_dir = tempfile.mkdtemp(prefix="kgpool-")
@@ -94,6 +81,21 @@ class NotebookService:
             weakref.WeakKeyDictionary()
         self._warm: asyncio.Task[None] | None = None
         self._runs: set[asyncio.Task[Reply]] = set()
+
+    def _language(self) -> Language:
+        """The language of the kernel spec that will be started; ConfigError if kgpool has no
+        inert REQUEST binding for it (or the spec is not installed)."""
+        try:
+            name = spec_language(self.kernel_name)
+        except KernelError as exc:
+            raise ConfigError(f"{self.notebook.name}: {exc}; choose one with --kernel-name"
+                              ) from None
+        entry = kernel_language(name, self.kernel_name, self.settings.allow_unverified_language)
+        if not entry.verified:
+            log.warning("%s: kernel %r runs %s, whose REQUEST binding no kgpool test has proven "
+                        "inert; request bytes might run as code", self.notebook.name,
+                        self.kernel_name, name or "an unnamed language")
+        return entry
 
     # ----- life cycle ----------------------------------------------------------------------
 
@@ -129,21 +131,24 @@ class NotebookService:
 
     async def _make_kernel(self, slot: int, on_death: Any) -> Kernel:
         kernel = Kernel(self.kernel_name, context=self._context, label=f"slot {slot}",
-                        on_death=on_death, cwd=self._cwd, ipc_dir=self._ipc_dir)
+                        on_death=on_death, cwd=self._cwd,
+                        ipc_dir=self._ipc_dir if self.transport == "ipc" else None,
+                        tmp_dir=os.path.join(self._ipc_dir, f"t{uuid.uuid4().hex[:12]}"))
         cell = None
         try:
             async with asyncio.timeout(self.settings.init_timeout):
                 started = time.monotonic()
                 await kernel.start()
-                if self.notebook.language == "python":
-                    await kernel.execute(PYTHON_SETUP, silent=True)
+                if self.language.setup:
+                    await kernel.execute(self.language.setup, silent=True)
                 booted = time.monotonic()
                 for cell in self.notebook.init_cells:
-                    result = await kernel.execute(cell.source)
+                    result = await self._run_code(kernel, self.language.guarded(cell.source,
+                                                                                self._marker))
                     if result.error is not None:
-                        raise InitError(
-                            f"init cell {cell.index} ({cell.first_line!r}) raised "
-                            f"{result.error.get('ename')}: {result.error.get('evalue')}")
+                        error = _execution_error(result.error, self.language)
+                        raise InitError(f"init cell {cell.index} ({cell.first_line!r}) raised "
+                                        f"{error.ename}: {error.evalue}")
                 self.metrics.kernel_warmed(booted - started, time.monotonic() - booted)
                 cell = None
                 await self._open_direct(kernel)
@@ -161,7 +166,7 @@ class NotebookService:
         return kernel
 
     async def _open_direct(self, kernel: Kernel) -> None:
-        if self.settings.channel != "direct" or self.notebook.language != "python":
+        if self.settings.channel != "direct" or self.language.name != "python":
             return
         path = os.path.join(self._ipc_dir, f"d{uuid.uuid4().hex[:12]}.sock")
         cells = [(ep.source, ep.response_source) for ep in self.notebook.endpoints]
@@ -211,11 +216,22 @@ class NotebookService:
         channel = self._direct.get(kernel)
         if channel is not None and channel.serves(index):
             return await channel.call(index, request)
-        code = bind_request(self.notebook.language, request) + endpoint.source
-        result = await kernel.execute(code)
+        language, marker = self.language, self._marker
+        result = await self._run_code(kernel, language.request_code(endpoint.source, request,
+                                                                     marker))
         if result.error is not None or endpoint.response_source is None:
             return result, None
-        return result, await kernel.execute(endpoint.response_source)
+        return result, await self._run_code(kernel, language.response_code(
+            endpoint.response_source, marker))
+
+    async def _run_code(self, kernel: Kernel, code: str) -> ExecutionResult:
+        """Execute; a guarded cell's printed failure report becomes the result's error."""
+        result = await kernel.execute(code)
+        if self.language.guard is not None:
+            text, error = read_error("".join(result.stdout), self._marker)
+            if error is not None:
+                result.stdout, result.error = [text], error
+        return result
 
     async def _run(self, lease: Lease, endpoint: Endpoint, request: str,
                    deadline: float | None) -> Reply:
@@ -225,12 +241,12 @@ class NotebookService:
             async with asyncio.timeout_at(deadline):
                 result, info = await self._execute(lease.kernel, endpoint, request)
             if result.error is not None:
-                raise _execution_error(result.error)
+                raise _execution_error(result.error, self.language)
             reply = Reply()
             asked = None
             if info is not None:
                 if info.error is not None:
-                    raise _execution_error(info.error)
+                    raise _execution_error(info.error, self.language)
                 if _apply_response_info(reply, info.text):
                     asked = next(v for k, v in reply.headers.items()
                                  if k.lower() == "content-type").split(";")[0].strip().lower()
@@ -257,9 +273,9 @@ class NotebookService:
             self.metrics.executed(endpoint.path, time.monotonic() - started)
 
 
-def _execution_error(error: dict[str, Any]) -> ExecutionError:
-    return ExecutionError(str(error.get("ename", "Error")), str(error.get("evalue", "")),
-                          list(error.get("traceback", [])))
+def _execution_error(error: dict[str, Any], language: Language) -> ExecutionError:
+    ename, evalue = language.error(str(error.get("ename") or ""), str(error.get("evalue", "")))
+    return ExecutionError(ename, evalue, list(error.get("traceback", [])))
 
 
 def _apply_response_info(reply: Reply, text: str) -> bool:
