@@ -99,6 +99,7 @@ def _build(name: str, language: str, kernel_name: str, prefixes: tuple[str, ...]
     init: list[Cell] = []
     bodies: dict[tuple[str, str], list[Cell]] = {}
     infos: dict[tuple[str, str], list[Cell]] = {}
+    spaced: list[str] = []
     for cell in cells:
         first = cell.source.split("\n", 1)[0].rstrip()
         match = strict.match(first)
@@ -111,10 +112,13 @@ def _build(name: str, language: str, kernel_name: str, prefixes: tuple[str, ...]
             init.append(cell)
             continue
         is_info, method, path = bool(match.group(1)), match.group(2), match.group(3).strip()
-        _check_path(path, cell)
+        warning = _check_path(path, cell)
+        if warning:
+            spaced.append(warning)
         (infos if is_info else bodies).setdefault((method, path), []).append(cell)
-    warnings = [f"ResponseInfo cell(s) {[c.index for c in group]} for {m} {p} have no endpoint"
-                for (m, p), group in infos.items() if (m, p) not in bodies]
+    warnings = spaced + [
+        f"ResponseInfo cell(s) {[c.index for c in group]} for {m} {p} have no endpoint"
+        for (m, p), group in infos.items() if (m, p) not in bodies]
     if not bodies:
         raise NotebookError(
             f"{name} has no endpoint: no code cell starts with '{prefix} METHOD /path' "
@@ -130,15 +134,18 @@ def _build(name: str, language: str, kernel_name: str, prefixes: tuple[str, ...]
     return Notebook(name, language, kernel_name, tuple(init), endpoints, tuple(warnings))
 
 
-def _check_path(path: str, cell: Cell) -> None:
-    if any(ch.isspace() for ch in path):
-        raise NotebookError(f"cell {cell.index} ({cell.first_line!r}): a path may not contain "
-                            "spaces")
+def _check_path(path: str, cell: Cell) -> str | None:
+    """NotebookError for a path kgpool cannot route; a warning for one no client can reach."""
     for _, param in split_path(path):
         if param is not None and not _PARAM_NAME.match(param):
             raise NotebookError(
                 f"cell {cell.index} ({cell.first_line!r}): ':{param}' is not a valid parameter "
                 "name (letters, digits and _, not starting with a digit; one per path segment)")
+    if any(ch.isspace() for ch in path):  # Kernel Gateway starts with it too (no newline
+        # after the annotation, as in its own test notebook): warn, do not refuse
+        return (f"cell {cell.index} ({cell.first_line!r}): the path {path!r} contains spaces; "
+                "is the rest of the line code meant for the next line?")
+    return None
 
 
 def _check_shapes(endpoints: tuple[Endpoint, ...]) -> None:

@@ -360,6 +360,11 @@ def test_unknown_notebook_language_served_by_forced_python3(channel: str) -> Non
     with Server(NOTEBOOKS / "fakelang.ipynb", "--kernel-name", "python3",
                 "--channel", channel) as server:
         assert server.get("/hello?name=ann").text == "hello ann"
+        # Kernel Gateway starts with a path that has spaces (the code after it on its line);
+        # so does kgpool, with a warning
+        assert "/py2print 'I am Python 2'" in server.get("/_api/spec/swagger.json").json()[
+            "paths"]
+        assert "contains spaces" in server.output()
 
 
 def test_missing_kernel_spec_is_a_clear_start_error() -> None:

@@ -158,8 +158,9 @@ write("lang_r", R, language="R", kernel="ir", display="R")
 write("lang_octave", OCTAVE, language="octave", kernel="octave", display="Octave")
 write("lang_javascript", JAVASCRIPT, language="javascript", kernel="javascript",
       display="JavaScript (Node.js)")
-# From Kernel Gateway's own test suite: metadata naming a language and a kernel that do not
-# exist; served with the kernel forced to python3, whose language then decides the binding.
+# As in Kernel Gateway's own test suite: metadata naming a language and a kernel that do not
+# exist, served with the kernel forced to python3, whose language then decides the binding;
+# and a cell with no line break after its annotation, in Python 2.
 write("fakelang", ["import json", "# GET /hello\nprint('hello ' + json.loads(REQUEST)['args']"
-                   "['name'][0], end='')"],
+                   "['name'][0], end='')", "# GET /py2print 'I am Python 2'"],
       language="fakelang", kernel="fakelang2000", display="Fake language")
