@@ -110,11 +110,18 @@ def _javascript_bind(request: str) -> str:
     return f"var REQUEST = {json.dumps(request)};\n"
 
 
+# Kernel Gateway's comment syntax is `#` for JavaScript unless configured, and node cannot
+# parse `# GET /x`: such annotation lines (never valid JavaScript) are sent as // comments.
+_HASH_ANNOTATION = re.compile(
+    r"^#(?=[ \t]+(?:ResponseInfo[ \t]+)?(?:GET|POST|PUT|DELETE|PATCH)[ \t]+/\S*[ \t]*$)",
+    re.MULTILINE)
+
+
 def _javascript_scope(code: str) -> str:
     # A block: `let`, `const` and `class` at the top of an endpoint cell are declared anew
     # on every request instead of failing from the second one on ("already been declared").
     # `var`, assignments and (sloppy-mode) functions still reach the global scope.
-    return "{\n" + code + "\n}"
+    return "{\n" + _HASH_ANNOTATION.sub("//", code) + "\n}"
 
 
 def _ruby_bind(request: str) -> str:
@@ -230,7 +237,7 @@ _ENTRIES = (
     Language("octave", comments=("#", "%"), bind=_octave_bind, verified=True,
              transport="ipc", guard=_octave_guard, setup=_OCTAVE_SETUP, unnamed_error="error"),
     # ijavascript and tslab bind TCP sockets only (tslab names IPC sockets its own way)
-    Language("javascript", comments=_C_LIKE, bind=_javascript_bind, verified=True,
+    Language("javascript", comments=("//", "#"), bind=_javascript_bind, verified=True,
              scope=_javascript_scope),
     # not verified: no kernel of these is installed by the test suite
     Language("matlab", comments=("%",), bind=_octave_bind, guard=_octave_guard,

@@ -351,6 +351,19 @@ def test_live_reload(lang: Lang, tmp_path: Path) -> None:
         wait_for(lambda: server.get("/v").text == "2" + lang.nl, 90, "the new version")
 
 
+def test_javascript_with_kernel_gateways_default_comment_syntax() -> None:
+    # Kernel Gateway reads `# GET /x` in a JavaScript notebook unless configured otherwise,
+    # then answers every request with a SyntaxError; kgpool sends those lines as comments
+    lang = BY_NAME["javascript"]
+    require(lang)
+    with LangServer(NOTEBOOKS / "lang_javascript_hash.ipynb") as server:
+        for _ in range(2):
+            assert server.get("/hash/bob").text == "hi bob"
+        resp = server.request("POST", "/hash", body=b'{"a": 1}',
+                              headers={"Content-Type": "application/json"})
+        assert resp.status == 202 and resp.json() == {"a": 1}
+
+
 # ----- which kernel, which language, which transport ---------------------------------------
 
 @pytest.mark.parametrize("channel", ["direct", "jupyter"])
@@ -423,7 +436,7 @@ def test_forced_tcp_for_python() -> None:
 
 def test_comment_syntaxes() -> None:
     assert comment_prefixes("octave") == ("#", "%")  # Kernel Gateway's # and Octave's own %
-    assert comment_prefixes("javascript") == ("//",)
+    assert comment_prefixes("javascript") == ("//", "#")  # `#`: Kernel Gateway's default
     assert comment_prefixes("R") == ("#",) and comment_prefixes("fakelang") == ("#",)
 
 

@@ -158,6 +158,14 @@ write("lang_r", R, language="R", kernel="ir", display="R")
 write("lang_octave", OCTAVE, language="octave", kernel="octave", display="Octave")
 write("lang_javascript", JAVASCRIPT, language="javascript", kernel="javascript",
       display="JavaScript (Node.js)")
+# Kernel Gateway's default comment syntax for JavaScript is `#` (node cannot parse it there).
+write("lang_javascript_hash", [
+    "var GREETING = 'hi';",
+    "# GET /hash/:name\nconst name = JSON.parse(REQUEST).path.name;\n"
+    "process.stdout.write(GREETING + ' ' + name);",
+    "# POST /hash\nprocess.stdout.write(JSON.stringify(JSON.parse(REQUEST).body));",
+    "# ResponseInfo POST /hash\nconsole.log(JSON.stringify({status: 202}));",
+], language="javascript", kernel="javascript", display="JavaScript (Node.js)")
 # As in Kernel Gateway's own test suite: metadata naming a language and a kernel that do not
 # exist, served with the kernel forced to python3, whose language then decides the binding;
 # and a cell with no line break after its annotation, in Python 2.
