@@ -91,6 +91,8 @@ class NotebookService:
             raise ConfigError(f"{self.notebook.name}: {exc}; choose one with --kernel-name"
                               ) from None
         entry = kernel_language(name, self.kernel_name, self.settings.allow_unverified_language)
+        log.info("%s: kernel %r runs %s, over %s", self.notebook.name, self.kernel_name,
+                 entry.name, transport_for(entry, self.settings.transport))
         if not entry.verified:
             log.warning("%s: kernel %r runs %s, whose REQUEST binding no kgpool test has proven "
                         "inert; request bytes might run as code", self.notebook.name,
