@@ -69,6 +69,8 @@ LANGS = [
          reload=("var VERSION = {};", "// GET /v\nprocess.stdout.write(String(VERSION));")),
 ]
 BY_NAME = {lang.name: lang for lang in LANGS}
+# R prints é as <U+00E9> without a UTF-8 locale (under Kernel Gateway too): the servers get one
+UTF8 = {} if os.environ.get("LC_ALL") else {"LANG": "C.UTF-8"}
 
 
 def require(lang: Lang) -> None:
@@ -142,7 +144,7 @@ def served(request: pytest.FixtureRequest) -> Iterator[tuple[Lang, LangServer]]:
     lang: Lang = request.param
     require(lang)
     server = LangServer(NOTEBOOKS / f"lang_{lang.name}.ipynb", "--kernels", "2",
-                        "--timeout", str(TIMEOUT))
+                        "--timeout", str(TIMEOUT), env=UTF8)
     with server:
         yield lang, server
 
