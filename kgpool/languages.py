@@ -53,8 +53,8 @@ class Language:
     verified: bool = False  # tests/test_languages.py proves bind on a real kernel
     transport: str = "tcp"  # "ipc" where the kernels are known to support IPC sockets
     scope: Callable[[str], str] = _same  # how an endpoint or ResponseInfo cell is run
-    # kernels that report errors only as text: (code, marker) -> code that prints
-    # marker + {"ename", "evalue"} JSON on a failure; read_error() undoes it
+    # kernels that report errors only as text: (code, marker) -> code that ends by printing
+    # the marker and a JSON report, {} or {"ename", "evalue"}; read_report() undoes it
     guard: Callable[[str, str], str] | None = None
     setup: str = ""  # run (silently) in every kernel before the init cells
     unnamed_error: str = "Error"  # ename when the kernel sends none
@@ -75,14 +75,18 @@ class Language:
         return (ename or self.unnamed_error), self.tidy_error(evalue)
 
 
-def read_error(text: str, marker: str) -> tuple[str, dict[str, Any] | None]:
-    """Split a guarded cell's output: (what it printed before failing, the error or None)."""
+def read_report(text: str, marker: str) -> tuple[str, dict[str, Any] | None] | None:
+    """Split a guarded cell's output into what the cell printed and its error (or None).
+    None if the report is missing: the kernel did not run the guard to its end (octave_kernel
+    whose Octave exited or was killed stays up, answering nothing, ever again)."""
     at = text.rfind(marker)
     if not marker or at < 0:
-        return text, None
+        return None
     report = text[at + len(marker):].strip()
     try:
         fields = json.loads(report)
+        if not fields:
+            return text[:at], None
         ename, evalue = str(fields.get("ename", "")), str(fields.get("evalue", ""))
     except (ValueError, AttributeError):
         ename, evalue = "", report
@@ -184,10 +188,11 @@ def _octave_bind(request: str) -> str:
 
 def _octave_guard(code: str, marker: str) -> str:
     # octave_kernel reports an error as printed text, with status ok, and goes on with the
-    # next line. The cell runs as one eval (parse errors included) and a failure prints the
-    # marker, which no request can forge: the service chose it at random.
+    # next line. The cell runs as one eval (parse errors included), then prints the marker,
+    # which no request can forge (the service chose it at random), and the outcome. Nothing
+    # it needs survives in variables, so a `clear all` in the cell changes nothing.
     return (f"kgpool__cell = {octave_string(code)};\n"
-            "try, eval(kgpool__cell); catch kgpool__err, "
+            f"try, eval(kgpool__cell); fprintf('%s{{}}\\n', '{marker}'); catch kgpool__err, "
             f"fprintf('%s%s\\n', '{marker}', jsonencode(struct("
             "'ename', kgpool__err.identifier, 'evalue', kgpool__err.message))); end\n"
             "clear kgpool__cell kgpool__err\n")

@@ -30,7 +30,7 @@ from .errors import (
     ResponseInfoError,
 )
 from .kernel import Kernel, spec_language
-from .languages import Language, kernel_language, read_error, transport_for
+from .languages import Language, kernel_language, read_report, transport_for
 from .metrics import NotebookMetrics
 from .notebook import Endpoint, Notebook
 from .outputs import ExecutionResult, choose_body
@@ -227,12 +227,15 @@ class NotebookService:
             endpoint.response_source, marker))
 
     async def _run_code(self, kernel: Kernel, code: str) -> ExecutionResult:
-        """Execute; a guarded cell's printed failure report becomes the result's error."""
+        """Execute; a guarded cell's printed report becomes its output and error."""
         result = await kernel.execute(code)
         if self.language.guard is not None:
-            text, error = read_error("".join(result.stdout), self._marker)
-            if error is not None:
-                result.stdout, result.error = [text], error
+            report = read_report("".join(result.stdout), self._marker)
+            if report is None:  # the kernel's process lives on, the language runtime is gone
+                raise KernelDied(f"{kernel.label}: the kernel did not finish the cell "
+                                 f"({_stderr(result)})")
+            result.stdout, error = [report[0]], report[1]
+            result.error = result.error or error
         return result
 
     async def _run(self, lease: Lease, endpoint: Endpoint, request: str,
@@ -273,6 +276,11 @@ class NotebookService:
         finally:
             self.pool.release(lease, outcome)
             self.metrics.executed(endpoint.path, time.monotonic() - started)
+
+
+def _stderr(result: ExecutionResult) -> str:
+    text = "".join(result.stderr).strip()
+    return f"it said {text[-200:]!r}" if text else "it said nothing"
 
 
 def _execution_error(error: dict[str, Any], language: Language) -> ExecutionError:

@@ -32,7 +32,7 @@ from kgpool.languages import (
     language,
     octave_string,
     printable_json,
-    read_error,
+    read_report,
 )
 
 pytestmark = pytest.mark.timeout(180)
@@ -313,6 +313,12 @@ def test_crash_is_a_502_and_the_kernel_is_replaced(served: tuple[Lang, LangServe
     # a killed octave_kernel's Octave gets SIGHUP, and would dump its workspace into the
     # notebook's folder (a clean shutdown of any later kernel deletes it again)
     assert not (NOTEBOOKS / "octave-workspace").exists()
+    if lang.name == "octave":  # Octave exits, octave_kernel lives on but is of no more use
+        resp = server.get("/quit")
+        assert resp.status == 502 and resp.json()["error"] == "kernel_died"
+        wait_warm(server)
+        assert server.get("/state").text == "1"
+        assert metric(server, "kgpool_kernel_restarts_total", 'reason="crash"') == crashes + 2
 
 
 def test_pages_specs_metrics_and_transport(served: tuple[Lang, LangServer]) -> None:
@@ -498,9 +504,11 @@ def test_bindings_of_interpolating_languages_are_escaped() -> None:
     assert language("kotlin").bind == language("julia").bind
 
 
-def test_guarded_error_report() -> None:
-    text = "partial\nkgpool-error-abc:" + json.dumps({"ename": "", "evalue": "boom"}) + "\n"
-    assert read_error(text, "kgpool-error-abc:") == (
+def test_guarded_report() -> None:
+    marker = "kgpool-error-abc:"
+    failed = "partial\n" + marker + json.dumps({"ename": "", "evalue": "boom"}) + "\n"
+    assert read_report(failed, marker) == (
         "partial\n", {"ename": "", "evalue": "boom", "traceback": ["boom"]})
-    assert read_error("no marker here", "kgpool-error-abc:") == ("no marker here", None)
+    assert read_report("no newline" + marker + "{}\r\n", marker) == ("no newline", None)
+    assert read_report("the runtime went away", marker) is None
     assert language("octave").error("", "boom") == ("error", "boom")

@@ -119,6 +119,7 @@ OCTAVE = [
     "# GET /exit\nkill(getppid(), 9)",
     "# DELETE /items/:id\nreq = jsondecode(REQUEST);\nprintf('deleted %s', req.path.id)",
     "% GET /percent\nprintf('percent')",
+    "# GET /quit\nexit(3)",  # octave_kernel then stays up, answering nothing ever again
     "# GET /echoed\nshown = 42",
 ]
 
