@@ -58,7 +58,7 @@ class Language:
     guard: Callable[[str, str], str] | None = None
     setup: str = ""  # run (silently) in every kernel before the init cells
     unnamed_error: str = "Error"  # ename when the kernel sends none
-    tidy_error: Callable[[str], str] = str.rstrip  # the kernel's evalue -> the message
+    tidy_error: Callable[[str], str] = _same  # the kernel's evalue -> the message
 
     def request_code(self, code: str, request: str, marker: str) -> str:
         """One execution: bind REQUEST, then run the endpoint's cells."""
