@@ -13,6 +13,7 @@ from .errors import ConfigError
 
 LOG_FORMATS = ("text", "json")
 CHANNELS = ("direct", "jupyter")
+TRANSPORTS = ("auto", "ipc", "tcp")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # Environment variables that hold secrets: never passed on to kernels, and kgpool re-executes
 # itself without them (kgpool/secrets.py) so that its /proc/<pid>/environ does not show them.
@@ -101,6 +102,14 @@ class Settings:
         "direct", "how requests reach Python kernels: direct (endpoint cells compiled at "
         "warm-up, called over a private socket) or jupyter (one execute_request each)",
         choices=CHANNELS)
+    transport: str = _opt(
+        "auto", "how kgpool connects to its kernels: ipc (Unix sockets in a private folder), "
+        "tcp (loopback ports, what every kernel supports) or auto (ipc for the languages whose "
+        "kernels are known to support it, tcp for the others)", choices=TRANSPORTS)
+    allow_unverified_language: bool = _opt(
+        False, "serve a kernel whose language has no REQUEST binding proven inert by kgpool's "
+        "tests (Kernel Gateway's REQUEST = \"...\" may let request bytes run as code there); "
+        "logs a warning")
     auth_token: str = _opt(
         "", "require 'Authorization: Bearer TOKEN' (or 'token TOKEN') on endpoint requests; "
         "prefer --auth-token-file (see README: what notebook code can and cannot see)",
@@ -170,6 +179,8 @@ class Settings:
             raise ConfigError(f"--init-timeout must be positive, not {self.init_timeout}")
         if self.channel not in CHANNELS:
             raise ConfigError(f"--channel must be one of {', '.join(CHANNELS)}")
+        if self.transport not in TRANSPORTS:
+            raise ConfigError(f"--transport must be one of {', '.join(TRANSPORTS)}")
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
         if self.log_level not in LOG_LEVELS:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import uuid
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from jupyter_client.manager import AsyncKernelManager
 
 from .errors import KernelDied, KernelError
@@ -49,13 +51,26 @@ async def _settled_text(path: str, polls: int = 50) -> str | None:
         return None
 
 
+def spec_language(kernel_name: str) -> str:
+    """The language an installed kernel spec declares (its kernel.json), in lower case."""
+    specs = KernelSpecManager()
+    try:
+        spec = specs.get_kernel_spec(kernel_name)
+    except NoSuchKernel:
+        found = ", ".join(sorted(specs.find_kernel_specs())) or "none"
+        raise KernelError(f"no kernel spec named {kernel_name!r} is installed (installed: "
+                          f"{found})") from None
+    return str(spec.language or "").lower()
+
+
 class Kernel:
     """A started kernel that runs one piece of code at a time and fails fast if it dies."""
 
     def __init__(self, kernel_name: str, *, context: zmq.asyncio.Context,
                  label: str = "kernel", on_death: Callable[[Kernel], None] | None = None,
                  cwd: str | None = None, ipc_dir: str | None = None,
-                 env: dict[str, str] | None = None, offload: Offload | None = None) -> None:
+                 env: dict[str, str] | None = None, offload: Offload | None = None,
+                 tmp_dir: str | None = None, runtime_dir: str | None = None) -> None:
         self.kernel_name = kernel_name
         self.label = label
         self._context = context
@@ -65,6 +80,8 @@ class Kernel:
         self._env = env
         self._offload = offload or Offload()
         self._key, self._scheme = b"", "hmac-sha256"
+        self._tmp_dir = tmp_dir  # the kernel's TMPDIR, removed with it (killed kernels leak)
+        self._runtime_dir = runtime_dir or ipc_dir  # for its connection file (it holds a key)
         self._km: AsyncKernelManager | None = None
         self._wire: Wire | None = None
         self._shell: Any = None
@@ -88,16 +105,19 @@ class Kernel:
             self._km = AsyncKernelManager(
                 kernel_name=self.kernel_name, context=self._context, transport="ipc",
                 ip=os.path.join(self._ipc_dir, name))
-            # its connection file holds the kernel's key: in kgpool's 0700 folder, not /tmp
-            self._km.connection_file = os.path.join(self._ipc_dir, f"{name}.json")
         else:
             self._km = AsyncKernelManager(kernel_name=self.kernel_name, context=self._context)
+        if self._runtime_dir:  # its connection file holds the kernel's key: kgpool's 0700
+            self._km.connection_file = os.path.join(self._runtime_dir, f"{name}.json")
         self._km.shutdown_wait_time = SHUTDOWN_GRACE
+        extra: dict[str, Any] = {}
+        if self._env is not None or self._tmp_dir:
+            extra["env"] = dict(self._env if self._env is not None else os.environ)
+        if self._tmp_dir:
+            os.makedirs(self._tmp_dir, mode=0o700, exist_ok=True)
+            extra["env"]["TMPDIR"] = self._tmp_dir
         try:
-            if self._env is not None:
-                await self._km.start_kernel(cwd=self._cwd, env=self._env)
-            else:
-                await self._km.start_kernel(cwd=self._cwd)
+            await self._km.start_kernel(cwd=self._cwd, **extra)
         except Exception as exc:
             raise KernelError(f"cannot start kernel {self.kernel_name!r}: {exc}") from exc
         process = self._process()
@@ -203,6 +223,8 @@ class Kernel:
             if self._km is not None:
                 with contextlib.suppress(Exception):
                     await self._km.shutdown_kernel(now=True)
+            if self._tmp_dir:
+                shutil.rmtree(self._tmp_dir, ignore_errors=True)
 
     async def abort(self) -> str | None:
         """Stop a kernel that ran past its deadline and say where it was: its threads' stacks

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,23 +32,30 @@ class Reply:
     body: bytes = b""
 
 
-def execution_error(error: dict[str, Any]) -> ExecutionError:
-    return ExecutionError(str(error.get("ename", "Error")), str(error.get("evalue", "")),
-                          list(error.get("traceback", [])))
+Tidy = Callable[[str, str], tuple[str, str]]  # a language's (ename, evalue) as clients read them
+
+
+def _as_is(ename: str, evalue: str) -> tuple[str, str]:
+    return ename or "Error", evalue
+
+
+def execution_error(error: dict[str, Any], tidy: Tidy = _as_is) -> ExecutionError:
+    ename, evalue = tidy(str(error.get("ename") or ""), str(error.get("evalue", "")))
+    return ExecutionError(ename, evalue, list(error.get("traceback", [])))
 
 
 def build_reply(result: ExecutionResult, info: ExecutionResult | None,
-                max_size: int = 0) -> Reply:
+                max_size: int = 0, tidy: Tidy = _as_is) -> Reply:
     """The Reply for an endpoint's result and its ResponseInfo result; raises ExecutionError
     if a cell failed, ResponseInfoError for an unusable ResponseInfo, ResponseTooLarge past
     `max_size` bytes (0: no limit)."""
     if result.error is not None:
-        raise execution_error(result.error)
+        raise execution_error(result.error, tidy)
     reply = Reply()
     asked = None
     if info is not None:
         if info.error is not None:
-            raise execution_error(info.error)
+            raise execution_error(info.error, tidy)
         if apply_response_info(reply, info.text):
             asked = next(v for k, v in reply.headers.items()
                          if k.lower() == "content-type").split(";")[0].strip().lower()

@@ -8,6 +8,7 @@ import contextlib
 import errno
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -32,14 +33,20 @@ from .errors import (
     ResponseInfoError,
     ResponseTooLarge,
 )
-from .kernel import Kernel, execute_content
-from .languages import bind_request, bind_request_from_file
+from .kernel import Kernel, execute_content, spec_language
+from .languages import (
+    Language,
+    bind_request_from_file,
+    kernel_language,
+    read_report,
+    transport_for,
+)
 from .metrics import NotebookMetrics
 from .notebook import Endpoint, Notebook
 from .offload import Offload
 from .outputs import ExecutionResult
 from .pool import Accepts, KernelPool, Lease, PoolStatus
-from .replies import Reply, build_reply
+from .replies import Reply, build_reply, execution_error
 from .requests import RequestData, request_document
 from .routes import Router
 
@@ -93,11 +100,28 @@ class Version:
     number: int
     notebook: Notebook
     router: Router
+    kernel_name: str
+    language: Language  # the kernel's (its kernel.json), not the notebook's metadata
+    transport: str
     endpoints: dict[Key, tuple[int, Endpoint]] = field(default_factory=dict)  # index, endpoint
 
     @classmethod
-    def of(cls, number: int, notebook: Notebook) -> Version:
-        return cls(number, notebook, Router(notebook.endpoints),
+    def of(cls, number: int, notebook: Notebook, settings: Settings) -> Version:
+        """ConfigError if kgpool has no inert REQUEST binding for the kernel's language, or its
+        kernel spec is not installed."""
+        kernel_name = settings.kernel_name or notebook.kernel_name or "python3"
+        try:
+            name = spec_language(kernel_name)
+        except KernelError as exc:
+            raise ConfigError(f"{notebook.name}: {exc}; choose one with --kernel-name"
+                              ) from None
+        language = kernel_language(name, kernel_name, settings.allow_unverified_language)
+        if not language.verified:
+            log.warning("%s: kernel %r runs %s, whose REQUEST binding no kgpool test has proven "
+                        "inert; request bytes might run as code", notebook.name, kernel_name,
+                        name or "an unnamed language")
+        return cls(number, notebook, Router(notebook.endpoints), kernel_name, language,
+                   transport_for(language, settings.transport),
                    {(ep.method, ep.path): (i, ep) for i, ep in enumerate(notebook.endpoints)})
 
 
@@ -112,8 +136,11 @@ class NotebookService:
         self._cwd = str(path.resolve().parent) if path is not None else None
         # Kernel Gateway's notebooks tell "served" from "run by hand" by KERNEL_GATEWAY=1.
         self._env = {**settings.kernel_env, "KERNEL_GATEWAY": "1"}
-        self.current = Version.of(1, notebook)
+        self.current = Version.of(1, notebook, settings)
+        log.info("%s: kernel %r runs %s, over %s", notebook.name, self.current.kernel_name,
+                 self.current.language.name, self.current.transport)
         self._versions: dict[int, Version] = {1: self.current}
+        self._marker = f"kgpool-error-{secrets.token_hex(12)}:"  # see Language.guard
         self.pool = KernelPool(self._make_kernel, kernels or settings.kernels,
                                max_queue=settings.max_queue,
                                max_requests=settings.max_requests,
@@ -132,9 +159,6 @@ class NotebookService:
     @property
     def notebook(self) -> Notebook:
         return self.current.notebook
-
-    def kernel_name(self, notebook: Notebook) -> str:
-        return self.settings.kernel_name or notebook.kernel_name or "python3"
 
     # ----- life cycle ----------------------------------------------------------------------
 
@@ -183,7 +207,7 @@ class NotebookService:
     async def reload(self, notebook: Notebook) -> None:
         """Roll the pool over to a new version of the notebook, one kernel at a time; raises
         (the old version keeps serving) if the first kernel of the new one cannot warm."""
-        version = Version.of(max(self._versions) + 1, notebook)
+        version = Version.of(max(self._versions) + 1, notebook, self.settings)
         self._versions[version.number] = version
         try:
             await self.pool.roll(version.number, on_first=lambda: self._switch(version))
@@ -204,15 +228,18 @@ class NotebookService:
     async def _make_kernel(self, number: Any, slot: int, on_death: Any) -> Kernel:
         assert self._context is not None and self._ipc_dir is not None, "begin() first"
         version = self._versions[number]
-        kernel = Kernel(self.kernel_name(version.notebook), context=self._context,
-                        label=f"slot {slot}", on_death=on_death, cwd=self._cwd,
-                        ipc_dir=self._ipc_dir, env=self._env, offload=self._offload)
+        kernel = Kernel(version.kernel_name, context=self._context, label=f"slot {slot}",
+                        on_death=on_death, cwd=self._cwd,
+                        ipc_dir=self._ipc_dir if version.transport == "ipc" else None,
+                        runtime_dir=self._ipc_dir, env=self._env, offload=self._offload,
+                        tmp_dir=os.path.join(self._ipc_dir, f"t{uuid.uuid4().hex[:12]}"))
         cell = None
         try:
             async with asyncio.timeout(self.settings.init_timeout):
                 started = time.monotonic()
                 await kernel.start()
-                if version.notebook.language == "python":
+                language = version.language
+                if language.name == "python":
                     stacks = os.path.join(self._ipc_dir, f"stacks-{uuid.uuid4().hex[:12]}")
                     setup = await kernel.execute(setup_code(stacks), silent=True)
                     if setup.error is not None:
@@ -220,13 +247,16 @@ class NotebookService:
                                     kernel.label, setup.error.get("ename"),
                                     setup.error.get("evalue"))
                     kernel.stack_file = stacks
+                elif language.setup:
+                    await kernel.execute(language.setup, silent=True)
                 booted = time.monotonic()
                 for cell in version.notebook.init_cells:
-                    result = await kernel.execute(cell.source)
+                    result = await self._run_code(
+                        kernel, language, language.guarded(cell.source, self._marker))
                     if result.error is not None:
-                        raise InitError(
-                            f"init {cell.name} raised "
-                            f"{result.error.get('ename')}: {result.error.get('evalue')}")
+                        error = execution_error(result.error, language.error)
+                        raise InitError(f"init {cell.name} raised {error.ename}: "
+                                        f"{error.evalue}")
                 self.metrics.kernel_warmed(booted - started, time.monotonic() - booted)
                 cell = None
                 await self._open_direct(kernel, version)
@@ -244,7 +274,7 @@ class NotebookService:
         return kernel
 
     async def _open_direct(self, kernel: Kernel, version: Version) -> None:
-        if self.settings.channel != "direct" or version.notebook.language != "python":
+        if self.settings.channel != "direct" or version.language.name != "python":
             return
         assert self._ipc_dir is not None
         path = os.path.join(self._ipc_dir, f"d{uuid.uuid4().hex[:12]}.sock")
@@ -307,25 +337,41 @@ class NotebookService:
         channel = self._direct.get(kernel)
         if channel is not None and channel.serves(index):
             return await channel.call(index, request, limit)
-        language = version.notebook.language
+        language, marker = version.language, self._marker
         assert self._ipc_dir is not None
         spill = os.path.join(self._ipc_dir, f"request-{uuid.uuid4().hex[:12]}")
-        by_file = bind_request_from_file(language, spill) if len(request) > LARGE else None
+        by_file = bind_request_from_file(language.name, spill) if len(request) > LARGE \
+            else None
         try:
             if by_file is None:
-                code = bind_request(language, request) + endpoint.source
-                content = await self._offload.run(len(code), execute_content, code)
+                code = language.request_code(endpoint.source, request, marker)
             else:  # too large to be cell code: the kernel reads it from kgpool's 0700 folder
                 await self._offload.run(len(request), write_text, spill, request)
-                content = execute_content(by_file + endpoint.source)
-            result = await kernel.execute("", content=content, limit=limit)
+                code = by_file + language.guarded(language.scope(endpoint.source), marker)
+            result = await self._run_code(kernel, language, code, limit)
         finally:
             if by_file is not None:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(spill)
         if result.error is not None or endpoint.response_source is None:
             return result, None
-        return result, await kernel.execute(endpoint.response_source, limit=limit)
+        return result, await self._run_code(
+            kernel, language, language.response_code(endpoint.response_source, marker), limit)
+
+    async def _run_code(self, kernel: Kernel, language: Language, code: str,
+                        limit: int = 0) -> ExecutionResult:
+        """Execute (large code encoded off the event loop); a guarded cell's printed report
+        becomes its output and error."""
+        content = await self._offload.run(len(code), execute_content, code)
+        result = await kernel.execute("", content=content, limit=limit)
+        if language.guard is not None:
+            report = read_report("".join(result.stdout), self._marker)
+            if report is None:  # the kernel's process lives on, the language runtime is gone
+                raise KernelDied(f"{kernel.label}: the kernel did not finish the cell "
+                                 f"({_stderr(result)})")
+            result.stdout, error = [report[0]], report[1]
+            result.error = result.error or error
+        return result
 
     async def _run(self, lease: Lease, key: Key, request: str,
                    deadline: float | None) -> Reply:
@@ -335,7 +381,8 @@ class NotebookService:
         try:
             async with asyncio.timeout_at(deadline):
                 result, info = await self._execute(lease.kernel, version, key, request)
-            return build_reply(result, info, self.settings.max_response_size)
+            return build_reply(result, info, self.settings.max_response_size,
+                               version.language.error)
         except TimeoutError:
             outcome = "timeout"
             raise ExecutionTimeout(
@@ -351,6 +398,11 @@ class NotebookService:
         finally:
             self.pool.release(lease, outcome)
             self.metrics.executed(key[1], time.monotonic() - started)
+
+
+def _stderr(result: ExecutionResult) -> str:
+    text = "".join(result.stderr).strip()
+    return f"it said {text[-200:]!r}" if text else "it said nothing"
 
 
 def write_text(path: str, text: str) -> None:
