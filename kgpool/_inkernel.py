@@ -59,10 +59,11 @@ class _Part:
         except TypeError:  # IPython before 8
             name = shell.compile.cache(cell, shell.execution_count)
         nodes = shell.transform_ast(shell.compile.ast_parse(cell, filename=name)).body
-        if bound:  # the REQUEST binding: a call binds REQUEST as data instead
+        if bound:  # the REQUEST (or REQUESTS) binding: a call binds it as data instead
             first = nodes[0] if nodes else None
-            if not (isinstance(first, ast.Assign) and len(first.targets) == 1 and
-                    isinstance(first.targets[0], ast.Name) and first.targets[0].id == "REQUEST"):
+            names = [node.id for node in ast.walk(first.targets[0]) if isinstance(node, ast.Name)] \
+                if isinstance(first, ast.Assign) and len(first.targets) == 1 else []
+            if not names or names[0] not in ("REQUEST", "REQUESTS"):
                 raise ValueError("the cell does not start with the REQUEST binding")
             nodes = nodes[1:]
         last = nodes[-1:] if nodes and isinstance(nodes[-1], ast.Expr) else []
@@ -94,12 +95,13 @@ _Info.__name__ = _Info.__qualname__ = ExecutionInfo.__name__  # what a hook may 
 _Info.__module__ = ExecutionInfo.__module__
 
 
-def _info(part, request):
+def _info(part, request, batch=None):
     info = _Info(None, False, False, True, None)
-    if part.bound:  # as kgpool's languages.bind_request writes it:
-        info.raw_cell = lambda: f"REQUEST = {request!r}\n" + part.source.split("\n", 1)[-1]
-        info.transformed_cell = \
-            lambda: f"REQUEST = {request!r}\n" + part.transformed.split("\n", 1)[-1]
+    if part.bound:  # as kgpool's languages.bind_request (or the batch binding) writes it:
+        line = f"REQUEST = {request!r}\n" if batch is None else \
+            f"REQUESTS, RESPONSES = {batch!r}, None\n"
+        info.raw_cell = lambda: line + part.source.split("\n", 1)[-1]
+        info.transformed_cell = lambda: line + part.transformed.split("\n", 1)[-1]
     else:
         info.raw_cell, info.transformed_cell = part.source, part.transformed
     return info
@@ -133,13 +135,16 @@ def _no_getpass(prompt="", stream=None):
 
 
 class _Messages:
-    """The messages of one call, stdout text merged as ipykernel's buffering would."""
+    """The messages of one call, stdout text merged as ipykernel's buffering would; with
+    `send`, every message goes out at once (a streamed answer) instead of with the reply."""
 
-    def __init__(self, io):
-        self.io, self.items, self.text = io, [], []
+    def __init__(self, io, send=None):
+        self.io, self.items, self.text, self.send = io, [], [], send
 
     def stdout(self, text):
         self.text.append(text)
+        if self.send is not None:
+            self.flush()
 
     def add(self, msg_type, content):
         run = self.io.current
@@ -147,12 +152,18 @@ class _Messages:
             with run.lock:
                 run.drain()
         self.flush()
-        self.items.append([msg_type, content])
+        self.put([msg_type, content])
 
     def flush(self):
         if self.text:
-            self.items.append(["stream", {"name": "stdout", "text": "".join(self.text)}])
+            self.put(["stream", {"name": "stdout", "text": "".join(self.text)}])
             self.text = []
+
+    def put(self, message):
+        if self.send is not None:
+            self.send(message)
+        else:
+            self.items.append(message)
 
 
 class _Displays(DisplayPublisher):
@@ -181,10 +192,13 @@ class _Runner:
         self.room, self.depth = room, None  # depth: frames to pad, measured on the first call
         self.room_code = compile("ROOM = probe()", "<kgpool>", "exec")
 
-    def call(self, part, request):
-        """{"m": the messages, "r": the execute_reply, or None where ipykernel sends none}."""
+    def call(self, part, request, batch=None, send=None):
+        """{"m": the messages, "r": the execute_reply, or None where ipykernel sends none};
+        with `batch` (a list of REQUESTs) "R" too: the RESPONSES it set, encoded. `send` gets
+        each message as it is published (a streamed call)."""
         shell = self.shell
-        messages = self.displays.messages = _Messages(self.io)
+        self.batch = batch
+        messages = self.displays.messages = _Messages(self.io, send)
         saved = shell.display_pub, shell.__dict__.get("_showtraceback")
         shell.display_pub, shell._showtraceback = self.displays, self.show_traceback
         sigint = _signal.signal(_signal.SIGINT, _signal.default_int_handler)
@@ -202,7 +216,10 @@ class _Runner:
             if saved[1] is not None:
                 shell._showtraceback = saved[1]
         messages.flush()
-        return {"m": messages.items, "r": reply}
+        answer = {"m": messages.items, "r": reply}
+        if batch is not None:
+            answer["R"] = shell.kgpool_responses_of(shell)  # _inkernel_io.py's encoding
+        return answer
 
     def execute(self, part, request):
         """ipykernel's do_execute around run_cell: the execute_reply content."""
@@ -229,7 +246,7 @@ class _Runner:
 
     def run_cell(self, part, request):
         shell = self.shell
-        info = _info(part, request)
+        info = _info(part, request, self.batch)
         result = ExecutionResult(info)
         result.execution_count = shell.execution_count
         try:
@@ -239,7 +256,10 @@ class _Runner:
                 old_hook, sys.displayhook = sys.displayhook, self.display_hook
                 try:
                     _put(shell.displayhook, "exec_result", result)
-                    if part.bound:
+                    if part.bound and self.batch is not None:
+                        shell.user_ns["REQUESTS"] = list(self.batch)
+                        shell.user_ns["RESPONSES"] = None
+                    elif part.bound:
                         shell.user_ns["REQUEST"] = request
                     if self.depth is None:  # the room a statement has here, unpadded
                         ns = {"probe": _kgpool_probe}
@@ -341,6 +361,11 @@ def _answer(data):
         return json.dumps(data, default=str).encode("ascii")
 
 
+def _send(writer, data):
+    payload = _answer(data)
+    writer.write(struct.pack(">I", len(payload)) + payload)
+
+
 def _failed(part):
     return part["r"] is None or part["r"]["status"] != "ok" or \
         any(msg_type == "error" for msg_type, _ in part["m"])
@@ -353,11 +378,19 @@ def _server(runner, compiled):
                 size = struct.unpack(">I", await reader.readexactly(4))[0]
                 request = json.loads(await reader.readexactly(size))
                 part, info = compiled[request["e"]]
-                reply = {"c": runner.call(part, request["r"])}
+                if request.get("s"):  # streamed: ResponseInfo first, then each message
+                    if info is not None:
+                        _send(writer, {"h": runner.call(info, None)})
+
+                    def send(message):
+                        _send(writer, {"p": message})
+                    _send(writer, {"c": runner.call(part, request["r"], send=send)})
+                    await writer.drain()
+                    continue
+                reply = {"c": runner.call(part, request.get("r"), request.get("b"))}
                 if info is not None and not _failed(reply["c"]):
                     reply["i"] = runner.call(info, None)
-                payload = _answer(reply)
-                writer.write(struct.pack(">I", len(payload)) + payload)
+                _send(writer, reply)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # kgpool closed the channel

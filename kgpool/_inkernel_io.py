@@ -228,7 +228,13 @@ def _hook_executions(kernel, output):
     async def execute(*args, **kwargs):
         if output.current is not None:
             return await do_execute(*args, **kwargs)
-        output.begin(output.write, kwargs.get("code", args[0] if args else ""))
+        sink = output.write
+        parent = kernel.get_parent("shell") if hasattr(kernel, "get_parent") else {}
+        if (parent.get("metadata") or {}).get("kgpool_stream"):  # kgpool streams the answer:
+            def sink(text):  # what is printed is sent at once, not every 0.2 s
+                output.write(text)
+                output.flush()
+        output.begin(sink, kwargs.get("code", args[0] if args else ""))
         try:
             return await do_execute(*args, **kwargs)
         finally:
@@ -237,9 +243,44 @@ def _hook_executions(kernel, output):
     kernel.do_execute = execute
 
 
+def _body(value):
+    if isinstance(value, (bytes, bytearray)):
+        import base64
+        return {"b64": base64.b64encode(bytes(value)).decode("ascii")}
+    if isinstance(value, str):
+        return {"text": value}
+    import json
+    return {"json": json.dumps(value, default=str)}
+
+
+def _answer(item):
+    """One item of RESPONSES: a body (str, bytes, anything JSON can write), a response
+    {"status": int, "headers": {...}, "body": ...}, or an exception (that request's 500)."""
+    if isinstance(item, BaseException):
+        return {"error": [type(item).__name__, str(item)]}
+    if isinstance(item, dict) and item and set(item) <= {"status", "headers", "body"} and \
+            ("body" in item or isinstance(item.get("status"), int)):
+        out = {key: item[key] for key in ("status", "headers") if key in item}
+        out["body"] = _body(item.get("body", ""))
+        return out
+    return {"body": _body(item)}
+
+
+def _responses(shell):
+    """What a batched cell answered in RESPONSES, encoded; None if it set none."""
+    value = shell.user_ns.get("RESPONSES")
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        return {"invalid": f"RESPONSES is a {type(value).__name__}, not a list"}
+    return [_answer(item) for item in value]
+
+
 def _kgpool_io_install():
     shell = get_ipython()  # noqa: F821  (a kernel global)
     output = _Output(shell, sys.stdout)
+    shell.kgpool_responses_of = _responses  # the direct channel's runner uses it too
+    shell.kgpool_responses = lambda: __import__("json").dumps(_responses(shell))
 
     def forked():
         output.forked = True

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import struct
+from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
 
@@ -37,11 +38,12 @@ def python_setup() -> str:
             "({'get_ipython': get_ipython})\n")
 
 
-def install_code(path: str, cells: list[tuple[str, str | None]]) -> str:
+def install_code(path: str, cells: list[tuple[str, str | None, bool]]) -> str:
     """Code for one execute_request that installs the channel; of user globals it touches only
     one private name, deleted again. Endpoint cells go with the REQUEST binding in front, as
     the Jupyter channel sends them; the recursion room is measured from this cell's frame."""
-    bound = [(bind_request("python", "") + source, info) for source, info in cells]
+    bound = [(("REQUESTS, RESPONSES = [], None\n" if batched else bind_request("python", ""))
+              + source, info) for source, info, batched in cells]
     return (f"_kgpool_ns = {{'get_ipython': get_ipython}}\n"
             "try:\n"
             f"    exec({_SOURCE!r}, _kgpool_ns)\n"
@@ -51,10 +53,16 @@ def install_code(path: str, cells: list[tuple[str, str | None]]) -> str:
             "    del _kgpool_ns\n")
 
 
-def call_frame(index: int, request: str) -> bytes:
+def call_frame(index: int, request: str | None, batch: list[str] | None = None,
+               stream: bool = False) -> bytes:
     """One call on the channel: a 4-byte length and the JSON (a helper process builds it for a
-    large request)."""
-    payload = json.dumps({"e": index, "r": request}).encode("utf-8", "surrogateescape")
+    large request): one REQUEST, or a batch of them, or a streamed call."""
+    call: dict[str, Any] = {"e": index, "r": request}
+    if batch is not None:
+        call["b"] = batch
+    if stream:
+        call["s"] = 1
+    payload = json.dumps(call).encode("utf-8", "surrogateescape")
     return _HEADER.pack(len(payload)) + payload
 
 
@@ -65,6 +73,7 @@ def _result(part: dict[str, Any], limit: int = 0) -> ExecutionResult:
         out.feed(msg_type, content)
     out.feed("status", {"execution_state": "idle"})
     out.reply(part["r"])
+    out.answers = part.get("R")
     return out
 
 
@@ -87,7 +96,7 @@ class DirectChannel:
         self._died.add_done_callback(lambda _: self.close())
 
     @classmethod
-    async def open(cls, kernel: Kernel, path: str, cells: list[tuple[str, str | None]],
+    async def open(cls, kernel: Kernel, path: str, cells: list[tuple[str, str | None, bool]],
                    offload: Offload | None = None) -> DirectChannel:
         result = await kernel.execute(install_code(path, cells))
         if result.error is not None:
@@ -100,13 +109,42 @@ class DirectChannel:
     def serves(self, index: int) -> bool:
         return index not in self.refused
 
-    async def call(self, index: int, request: str,
-                   limit: int = 0) -> tuple[ExecutionResult, ExecutionResult | None]:
-        """Run endpoint `index` with REQUEST bound: (endpoint result, ResponseInfo result).
-        A reply far past `limit` characters is skipped unread (escaping inflates it at most
-        6-fold), so it never has to be held whole."""
-        self._writer.write(await self._offload.run(len(request), call_frame, index, request))
-        reply = asyncio.ensure_future(self._read(6 * limit + 65536 if limit else 0))
+    async def call(self, index: int, request: str | None, limit: int = 0,
+                   batch: list[str] | None = None
+                   ) -> tuple[ExecutionResult, ExecutionResult | None]:
+        """Run endpoint `index` with REQUEST (or REQUESTS, a batch) bound: (endpoint result,
+        ResponseInfo result). A reply far past `limit` characters is skipped unread (escaping
+        inflates it at most 6-fold), so it never has to be held whole."""
+        size = len(request or "") + sum(map(len, batch or ()))
+        self._writer.write(await self._offload.run(size, call_frame, index, request, batch))
+        data = await self._next(6 * limit + 65536 if limit else 0)
+        if isinstance(data, int):
+            return _oversized(data), None
+        info = data.get("i")
+        return _result(data["c"], limit), (_result(info, limit) if info is not None else None)
+
+    async def stream(self, index: int, request: str, limit: int = 0
+                     ) -> AsyncIterator[tuple[str, Any]]:
+        """A streamed call: ("head", ResponseInfo result) first if the endpoint has one, then
+        ("message", (msg_type, content)) as the cell publishes, then ("end", its result)."""
+        self._writer.write(await self._offload.run(len(request), call_frame, index, request,
+                                                   None, True))
+        while True:
+            data = await self._next(6 * limit + 65536 if limit else 0)
+            if isinstance(data, int):
+                yield "end", _oversized(data)
+                return
+            if "h" in data:
+                yield "head", _result(data["h"], limit)
+            elif "p" in data:
+                yield "message", tuple(data["p"])
+            else:
+                yield "end", _result(data["c"], limit)
+                return
+
+    async def _next(self, most: int) -> dict[str, Any] | int:
+        """The next frame, watching the kernel's life."""
+        reply = asyncio.ensure_future(self._read(most))
         died = self._died
         waits: list[asyncio.Future[Any]] = [reply, died]
         try:
@@ -125,10 +163,7 @@ class DirectChannel:
             if died.done():
                 raise died.result() from None
             raise KernelDied(f"{self._label}: direct channel closed: {exc}") from None
-        if isinstance(data, int):
-            return _oversized(data), None
-        info = data.get("i")
-        return _result(data["c"], limit), (_result(info, limit) if info is not None else None)
+        return data
 
     async def _read(self, most: int) -> dict[str, Any] | int:
         """The next reply, or the size of one past `most` bytes, which is skipped."""

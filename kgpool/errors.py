@@ -65,5 +65,9 @@ class ResponseTooLarge(KgpoolError):
     """A cell's answer is larger than --max-response-size."""
 
 
+class BatchError(KgpoolError):
+    """A batched cell's answers do not fit its batch (count, shape)."""
+
+
 class ResponseInfoError(KgpoolError):
     """A ResponseInfo cell produced something that is not a usable status/headers object."""

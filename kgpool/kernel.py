@@ -95,6 +95,7 @@ class Kernel:
         self.pid: int | None = None
         self.exit_code: int | None = None
         self.stack_file: str | None = None  # where a Python kernel dumps its stacks (abort)
+        self._watch: Callable[[str, dict[str, Any]], None] | None = None
 
     # ----- life cycle -------------------------------------------------------------------
 
@@ -257,7 +258,9 @@ class Kernel:
     # ----- execution --------------------------------------------------------------------
 
     async def execute(self, code: str, *, silent: bool = False, limit: int = 0,
-                      content: bytes | None = None) -> ExecutionResult:
+                      content: bytes | None = None, stream: bool = False,
+                      watch: Callable[[str, dict[str, Any]], None] | None = None
+                      ) -> ExecutionResult:
         """Run code; the result arrives once the kernel has sent both its execute_reply and the
         idle status. Raises KernelDied at once. Output past `limit` characters is counted, not
         kept. A large request comes as its `content` already encoded (execute_content, in a
@@ -267,12 +270,17 @@ class Kernel:
         if self._pending is not None:
             raise KernelError(f"{self.label} is already running code")
         assert self._wire is not None
+        # kgpool's own metadata: the stdout capture (_inkernel_io) sends at once what a streamed
+        # cell prints; `watch` then sees each message as it arrives
+        metadata = b'{"kgpool_stream": true}' if stream else b"{}"
         if content is not None:
-            msg_id, frames = await self._wire.request_large("execute_request", content)
+            msg_id, frames = await self._wire.request_large("execute_request", content,
+                                                            metadata)
         else:
             msg_id, frames = self._wire.request_encoded("execute_request",
-                                                        execute_content(code, silent))
+                                                        execute_content(code, silent), metadata)
         waiter = self._expect(msg_id, limit)
+        self._watch = watch
         await self._shell.send_multipart(frames, copy=False)
         try:
             return await waiter
@@ -286,6 +294,7 @@ class Kernel:
 
     def _forget(self) -> None:
         self._pending = None
+        self._watch = None
         if self._no_reply is not None:
             self._no_reply.cancel()
             self._no_reply = None
@@ -327,6 +336,8 @@ class Kernel:
             if found is None or pending is not self._pending:
                 continue
             pending[1].feed(*found)
+            if self._watch is not None:
+                self._watch(*found)
             self._progress(pending)
 
     async def _read_shell(self) -> None:
@@ -348,9 +359,10 @@ class Kernel:
                 self._progress(pending)
 
 
-def execute_content(code: str, silent: bool = False) -> bytes:
+def execute_content(code: str, silent: bool = False,
+                    expressions: dict[str, str] | None = None) -> bytes:
     """An execute_request's content, encoded (a plain function: a helper process runs it for
-    large code)."""
+    large code); `expressions` are evaluated after the code, their values in the reply."""
     return encode_content({"code": code, "silent": silent, "store_history": False,
-                           "user_expressions": {}, "allow_stdin": False,
+                           "user_expressions": expressions or {}, "allow_stdin": False,
                            "stop_on_error": True})

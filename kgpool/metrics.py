@@ -102,6 +102,10 @@ class Metrics:
         self.exits = Counter("kgpool_kernel_exits", "Kernels that exited on their own, by exit "
                              "status (signal 9 (SIGKILL) is often the out-of-memory killer).",
                              ["notebook", "status"], registry=registry)
+        self.batch_size = Histogram("kgpool_batch_size", "Requests run together by a batched "
+                                    "endpoint, per batch.", ["notebook", "route"],
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024),
+                                    registry=registry)
         self.kernel_start = Histogram("kgpool_kernel_start_duration_seconds",
                                       "Time to start a kernel process until it answers.",
                                       ["notebook"], buckets=_STARTUP, registry=registry)
@@ -180,6 +184,9 @@ class NotebookMetrics:
     def kernel_warmed(self, start_seconds: float, init_seconds: float) -> None:
         self._m.kernel_start.labels(self.name).observe(start_seconds)
         self._m.init.labels(self.name).observe(init_seconds)
+
+    def batched(self, route: str, size: int) -> None:
+        self._m.batch_size.labels(self.name, route).observe(size)
 
     def executed(self, route: str, seconds: float) -> None:
         self._m.execution.labels(self.name, route).observe(seconds)

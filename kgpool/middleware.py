@@ -129,14 +129,16 @@ def access(metrics: Metrics, locate: Locator, trust_xheaders: bool) -> Any:
             remote = client_address(request, trust_xheaders)
             access_log.log(
                 logging.DEBUG if op else logging.INFO,  # probes and scrapes would drown it
-                "%s %s %d %.1fms route=%s queue=%.1fms slot=%s remote=%s id=%s",
+                "%s %s %d %.1fms route=%s queue=%.1fms slot=%s remote=%s id=%s%s",
                 request.method, request.path, status, elapsed * 1000, route,
                 info.queue_wait * 1000, info.slot, remote, request_id,
+                f" batch={info.batch}" if info.batch else "",
                 extra={"request_id": request_id, "method": request.method, "route": route,
                        "notebook": request.get(NOTEBOOK, ""), "remote": remote,
                        "status": status, "duration_ms": round(elapsed * 1000, 3),
                        "queue_wait_ms": round(info.queue_wait * 1000, 3),
-                       "kernel_slot": info.slot, "kernel_pid": info.kernel_pid})
+                       "kernel_slot": info.slot, "kernel_pid": info.kernel_pid,
+                       "batch": info.batch})
         response.headers["X-Request-ID"] = request_id
         return response
     return middleware

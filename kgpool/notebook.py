@@ -40,6 +40,14 @@ class Cell:
 
 
 @dataclass(frozen=True)
+class Batching:
+    """`# kgpool: batch max_size=32 max_wait=0.01`: concurrent requests run together."""
+
+    max_size: int = 10  # Ray Serve's defaults
+    max_wait: float = 0.01  # seconds the first request of a batch waits for more
+
+
+@dataclass(frozen=True)
 class Endpoint:
     """One method on one path: the joined cells to run and the optional ResponseInfo code."""
 
@@ -49,6 +57,8 @@ class Endpoint:
     cells: tuple[int, ...]  # cell numbers, counted from 1
     response_source: str | None = None
     response_cells: tuple[int, ...] = ()
+    batch: Batching | None = None
+    stream: str | None = None  # `# kgpool: stream` (chunked) or `stream sse`
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -114,6 +124,8 @@ class _Grammar:
             rf"(?:{alt})\s+(ResponseInfo\s+)?({'|'.join(METHODS)})\s+(/.*)")
         self.near = re.compile(rf"(?:{alt})\s*(?:ResponseInfo\s*)?(?:{'|'.join(_VERBS)})\s*/",
                                re.IGNORECASE)
+        self.option = re.compile(rf"^[ \t]*(?:{alt})[ \t]*kgpool:[ \t]*(.*?)[ \t]*$",
+                                 re.MULTILINE)
         self.strict = strict
         self.warnings: list[str] = []
 
@@ -150,16 +162,43 @@ class _Grammar:
                 f"{name} has no endpoint: no code cell starts with '{self.prefix} METHOD /path' "
                 f"(METHOD one of {', '.join(METHODS)})" + "".join(
                     f"; {warning}" for warning in self.warnings))
+        for group in infos.values():
+            for cell in group:
+                if self.option.search(cell.source):
+                    raise NotebookError(f"{cell.name}: 'kgpool:' options go in the endpoint's "
+                                        "cell, not its ResponseInfo cell")
         endpoints = tuple(
             Endpoint(method=m, path=p, source="\n".join(c.source for c in group),
                      cells=tuple(c.number for c in group),
                      response_source=("\n".join(c.source for c in infos[m, p])
                                       if (m, p) in infos else None),
-                     response_cells=tuple(c.number for c in infos.get((m, p), ())))
+                     response_cells=tuple(c.number for c in infos.get((m, p), ())),
+                     **self.options(group))
             for (m, p), group in bodies.items())
         self.check_shapes(endpoints)
         return Notebook(name, language, kernel_name, tuple(init), endpoints,
                         tuple(self.warnings))
+
+    def options(self, cells: list[Cell]) -> dict[str, Any]:
+        """`kgpool:` comment lines of an endpoint's cells: batching or streaming. Kernel
+        Gateway reads them as comments, so the notebook runs there unbatched, unstreamed."""
+        found: dict[str, Any] = {}
+        for cell in cells:
+            for line in self.option.finditer(cell.source):
+                words = line.group(1).split()
+                kind, rest = (words[0].lower(), words[1:]) if words else ("", [])
+                if kind == "batch":
+                    found["batch"] = _batching(rest, cell)
+                elif kind == "stream":
+                    found["stream"] = _streaming(rest, cell)
+                else:
+                    raise NotebookError(
+                        f"{cell.name}: unknown option 'kgpool: {line.group(1)}'; write "
+                        "'kgpool: batch [max_size=N] [max_wait=SECONDS]' or "
+                        "'kgpool: stream [chunked|sse]'")
+        if "batch" in found and "stream" in found:
+            raise NotebookError(f"{cells[0].name}: an endpoint is batched or streamed, not both")
+        return found
 
     def check_path(self, path: str, cell: Cell) -> None:
         if any(ch.isspace() for ch in path):
@@ -183,6 +222,41 @@ class _Grammar:
                 self.doubt(f"paths {other} and {ep.path} match the same URLs: every request "
                            f"goes to {other} (the first in the notebook, as in Kernel Gateway), "
                            f"so the cells of {ep.method} {ep.path} never run; use one spelling")
+
+
+def _batching(words: list[str], cell: Cell) -> Batching:
+    values: dict[str, Any] = {}
+    for word in words:
+        key, eq, text = word.partition("=")
+        try:
+            if key == "max_size" and eq:
+                values[key] = int(text)
+                if not 1 <= values[key] <= 10_000:
+                    raise ValueError
+            elif key == "max_wait" and eq:
+                values[key] = _seconds(text)
+            else:
+                raise KeyError(word)
+        except (ValueError, KeyError):
+            raise NotebookError(
+                f"{cell.name}: 'kgpool: batch' takes max_size=N (1..10000) and "
+                f"max_wait=SECONDS (e.g. 0.01 or 10ms), not {word!r}") from None
+    return Batching(**values)
+
+
+def _seconds(text: str) -> float:
+    value = float(text[:-2]) / 1000 if text.endswith("ms") else float(text.removesuffix("s"))
+    if not 0 <= value <= 60:
+        raise ValueError(text)
+    return value
+
+
+def _streaming(words: list[str], cell: Cell) -> str:
+    mode = words[0].lower() if words else "chunked"
+    if len(words) > 1 or mode not in ("chunked", "sse"):
+        raise NotebookError(f"{cell.name}: 'kgpool: stream' takes chunked (the default) or "
+                            f"sse, not {' '.join(words)!r}")
+    return mode
 
 
 def split_path(path: str) -> list[tuple[str, str | None]]:

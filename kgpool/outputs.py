@@ -32,6 +32,8 @@ class ExecutionResult:
     size: int = 0  # characters of output kept; past `limit` more output only counts
     limit: int = 0  # 0: keep everything
     stderr_size: int = 0
+    expressions: dict[str, Any] = field(default_factory=dict)  # the reply's user_expressions
+    answers: Any = None  # a batched cell's RESPONSES, encoded in the kernel (_inkernel_io)
     _clear_pending: bool = field(default=False, repr=False)
     _error_from_reply: bool = field(default=False, repr=False)
 
@@ -81,6 +83,8 @@ class ExecutionResult:
     def reply(self, content: dict[str, Any] | None) -> None:
         """Fold the execute_reply (None: the kernel went idle without sending one)."""
         self.replied = True
+        if content is not None:
+            self.expressions = content.get("user_expressions") or {}
         if self.error is not None:
             return
         if content is None:

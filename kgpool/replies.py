@@ -3,6 +3,7 @@ that nothing a cell prints can break HTTP framing; the body by outputs.choose_bo
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import re
@@ -10,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ExecutionError, ResponseInfoError, ResponseTooLarge
-from .outputs import ExecutionResult, choose_body
+from .errors import BatchError, ExecutionError, ResponseInfoError, ResponseTooLarge
+from .outputs import ExecutionResult, choose_body, encode_text
 
 log = logging.getLogger(__name__)
 
@@ -114,3 +115,60 @@ def _checked(name: Any, value: Any) -> tuple[str, str]:
         raise ResponseInfoError(f"ResponseInfo header {name} has a control character (a line "
                                 "break, NUL...) in its value")
     return name, text
+
+
+def batch_replies(result: ExecutionResult, info: ExecutionResult | None, count: int,
+                  max_size: int = 0, tidy: Tidy = _as_is) -> list[Reply | Exception]:
+    """One Reply (or that request's own error) per request of a batch. The cell answers in
+    RESPONSES (kgpool/_inkernel_io.py encodes each item) or prints a JSON list; ResponseInfo
+    gives every answer its status and headers first. Raises (for the whole batch) if the cell
+    failed or its answers do not fit the batch."""
+    if result.error is not None:
+        raise execution_error(result.error, tidy)
+    base = Reply()
+    if info is not None:
+        if info.error is not None:
+            raise execution_error(info.error, tidy)
+        apply_response_info(base, info.text)
+    answers = result.answers
+    if isinstance(answers, dict):
+        raise BatchError(str(answers.get("invalid", "RESPONSES is not a list")))
+    if answers is None:
+        try:
+            printed = json.loads(result.text)
+        except (ValueError, RecursionError):
+            printed = None
+        if not isinstance(printed, list):
+            raise BatchError("a batched cell sets RESPONSES (a list, one answer per request in "
+                             "REQUESTS) or prints a JSON list")
+        answers = [{"body": {"text": item} if isinstance(item, str) else
+                    {"json": json.dumps(item)}} for item in printed]
+    if len(answers) != count:
+        raise BatchError(f"the batch of {count} request(s) got {len(answers)} answer(s)")
+    return [_one(base, answer, max_size) for answer in answers]
+
+
+def _one(base: Reply, answer: dict[str, Any], max_size: int) -> Reply | Exception:
+    if "error" in answer:
+        ename, evalue = answer["error"]
+        return ExecutionError(str(ename), str(evalue))
+    reply = Reply(base.status, dict(base.headers))
+    try:
+        if "status" in answer or "headers" in answer:
+            apply_response_info(reply, json.dumps({"status": answer.get("status", base.status),
+                                                   "headers": answer.get("headers", {})}))
+    except (ResponseInfoError, TypeError, ValueError) as exc:
+        return exc if isinstance(exc, ResponseInfoError) else ResponseInfoError(str(exc))
+    body = answer.get("body") or {}
+    if "b64" in body:
+        reply.body = base64.b64decode(body["b64"])
+        if not any(k.lower() == "content-type" for k in (answer.get("headers") or {})):
+            reply.headers["Content-Type"] = "application/octet-stream"
+    else:
+        reply.body = encode_text(body.get("text", body.get("json", "")))
+    if max_size and len(reply.body) > max_size:
+        return ResponseTooLarge(f"the answer is {len(reply.body)} bytes, more than {max_size} "
+                                "(--max-response-size)")
+    if reply.status in NO_BODY_STATUSES:
+        reply.body = b""
+    return reply

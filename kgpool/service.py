@@ -4,8 +4,8 @@ per request covers all phases."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
+import json
 import logging
 import os
 import secrets
@@ -13,16 +13,18 @@ import shutil
 import tempfile
 import time
 import uuid
-import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import zmq.asyncio
 
+from .batcher import Batcher, Item
 from .config import Settings
 from .direct import DirectChannel, python_setup
 from .errors import (
+    BatchError,
     ConfigError,
     EndpointRemoved,
     ExecutionError,
@@ -33,20 +35,15 @@ from .errors import (
     ResponseInfoError,
     ResponseTooLarge,
 )
-from .kernel import Kernel, execute_content, spec_language
-from .languages import (
-    Language,
-    bind_request_from_file,
-    kernel_language,
-    read_report,
-    transport_for,
-)
+from .execution import Channels
+from .kernel import Kernel, spec_language
+from .languages import Language, kernel_language, transport_for
 from .metrics import NotebookMetrics
 from .notebook import Endpoint, Notebook
 from .offload import Offload
 from .outputs import ExecutionResult
 from .pool import Accepts, KernelPool, Lease, PoolStatus
-from .replies import Reply, build_reply, execution_error
+from .replies import Reply, apply_response_info, batch_replies, build_reply, execution_error
 from .requests import RequestData, request_document
 from .routes import Router
 
@@ -81,7 +78,6 @@ def setup_code(stacks: str) -> str:
 
 
 Key = tuple[str, str]  # (method, path template): an endpoint in any version of the notebook
-LARGE = 64 * 1024  # characters of REQUEST past which a kernel reads it from a file
 
 
 @dataclass
@@ -91,6 +87,76 @@ class CallInfo:
     queue_wait: float = 0.0
     slot: int | None = None
     kernel_pid: int | None = None
+    batch: str | None = None  # the id of the batch it ran in
+
+
+@dataclass(frozen=True)
+class Head:
+    """A streamed answer's status and headers (ResponseInfo's, run before the cell)."""
+
+    status: int
+    headers: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Part of a streamed answer: printed text, or a display's mime bundle."""
+
+    kind: str  # "text" or "display"
+    data: Any
+
+
+Part = Head | Piece
+T = TypeVar("T")
+Work = Callable[[Lease, "Version"], Awaitable[T]]
+
+
+class _Feed:
+    """What a streaming cell publishes -> Parts, within --max-response-size. Called from the
+    channel's reading loop: it must never raise; its first failure is kept in `error`."""
+
+    def __init__(self, parts: asyncio.Queue[Part | BaseException | None], limit: int,
+                 mode: str) -> None:
+        self.parts, self.limit, self.mode = parts, limit, mode
+        self.size = 0
+        self.abandoned = False
+        self.error: BaseException | None = None
+
+    def emit(self, kind: str, data: Any) -> None:
+        if self.abandoned or self.error is not None:
+            return
+        try:
+            if kind == "head":
+                self.put(self.head(data))
+                return
+            msg_type, content = data
+            if msg_type == "stream" and content.get("name") != "stderr":
+                self.add(Piece("text", content.get("text", "")), len(content.get("text", "")))
+            elif msg_type in ("display_data", "update_display_data", "execute_result"):
+                bundle = content.get("data") or {}
+                self.add(Piece("display", bundle), len(json.dumps(bundle)))
+        except Exception as exc:  # a bad ResponseInfo, a bundle JSON cannot write
+            self.error = exc
+
+    def head(self, info: ExecutionResult | None) -> Head:
+        reply = Reply(headers={"Content-Type": "text/event-stream" if self.mode == "sse"
+                               else "text/plain"})
+        if info is not None and info.error is None:
+            apply_response_info(reply, info.text)
+        return Head(reply.status, reply.headers)
+
+    def add(self, piece: Piece, size: int) -> None:
+        self.size += size
+        if self.limit and self.size > self.limit:
+            self.error = ResponseTooLarge(f"the streamed answer passed {self.limit} bytes "
+                                          "(--max-response-size)")
+            self.put(self.error)
+            self.abandoned = True  # the cell runs on; the rest of its output is dropped
+            return
+        self.put(piece)
+
+    def put(self, part: Part | BaseException) -> None:
+        self.parts.put_nowait(part)
 
 
 @dataclass(frozen=True)
@@ -116,6 +182,11 @@ class Version:
             raise ConfigError(f"{notebook.name}: {exc}; choose one with --kernel-name"
                               ) from None
         language = kernel_language(name, kernel_name, settings.allow_unverified_language)
+        batched = [ep for ep in notebook.endpoints if ep.batch is not None]
+        if batched and language.name != "python":
+            raise ConfigError(f"{notebook.name}: {batched[0].method} {batched[0].path} is "
+                              f"batched ('kgpool: batch'), which needs a Python kernel, and "
+                              f"{kernel_name!r} runs {name}")
         if not language.verified:
             log.warning("%s: kernel %r runs %s, whose REQUEST binding no kgpool test has proven "
                         "inert; request bytes might run as code", notebook.name, kernel_name,
@@ -149,12 +220,12 @@ class NotebookService:
                                max_size=max_kernels or settings.max_kernels,
                                grow_delay=settings.scale_up_delay,
                                idle_timeout=settings.idle_timeout, listener=metrics)
-        self._direct: weakref.WeakKeyDictionary[Kernel, DirectChannel] = \
-            weakref.WeakKeyDictionary()
+        self.channels = Channels(self._offload, self._marker, settings.max_response_size)
+        self._batchers: dict[Key, Batcher] = {}
         self._context: zmq.asyncio.Context | None = None
         self._ipc_dir: str | None = None
         self._warm: asyncio.Task[None] | None = None
-        self._runs: set[asyncio.Task[Reply]] = set()
+        self._runs: set[asyncio.Task[Any]] = set()
 
     @property
     def notebook(self) -> Notebook:
@@ -173,6 +244,7 @@ class NotebookService:
                 "cannot create kgpool's runtime folder for kernel sockets: "
                 + ("the disk is full (or TMPDIR is not writable)" if full else str(exc))
             ) from None
+        self.channels.folder = self._ipc_dir
         self._context = zmq.asyncio.Context()
         self._warm = asyncio.create_task(self.pool.start(), name="kgpool-warm-up")
 
@@ -195,10 +267,11 @@ class NotebookService:
             self._warm.cancel()
         if self._warm is not None:
             await asyncio.gather(self._warm, return_exceptions=True)
+        for batcher in self._batchers.values():
+            await batcher.close()
         await self.pool.close()
         await asyncio.gather(*self._runs, return_exceptions=True)
-        for channel in list(self._direct.values()):
-            channel.close()
+        self.channels.close()
         if self._context is not None:
             self._context.destroy(linger=0)
         if self._ipc_dir is not None:
@@ -251,7 +324,7 @@ class NotebookService:
                     await kernel.execute(language.setup, silent=True)
                 booted = time.monotonic()
                 for cell in version.notebook.init_cells:
-                    result = await self._run_code(
+                    result = await self.channels.run_code(
                         kernel, language, language.guarded(cell.source, self._marker))
                     if result.error is not None:
                         error = execution_error(result.error, language.error)
@@ -278,7 +351,8 @@ class NotebookService:
             return
         assert self._ipc_dir is not None
         path = os.path.join(self._ipc_dir, f"d{uuid.uuid4().hex[:12]}.sock")
-        cells = [(ep.source, ep.response_source) for ep in version.notebook.endpoints]
+        cells = [(ep.source, ep.response_source, ep.batch is not None)
+                 for ep in version.notebook.endpoints]
         try:
             channel = await DirectChannel.open(kernel, path, cells, self._offload)
         except (KernelError, OSError, ValueError) as exc:
@@ -288,7 +362,7 @@ class NotebookService:
         for index, reason in channel.refused.items():
             ep = version.notebook.endpoints[index]
             log.info("%s %s runs on the Jupyter channel: %s", ep.method, ep.path, reason)
-        self._direct[kernel] = channel
+        self.channels.direct[kernel] = channel
 
     # ----- requests ------------------------------------------------------------------------
 
@@ -300,89 +374,61 @@ class NotebookService:
             raise EndpointRemoved("a reload removed this endpoint")
         return None if len(having) == len(self._versions) else having.__contains__
 
+    def _deadline(self) -> float | None:
+        timeout = self.settings.request_timeout
+        return asyncio.get_running_loop().time() + timeout if timeout else None
+
     async def call(self, endpoint: Endpoint, request: RequestData,
                    info: CallInfo | None = None) -> Reply:
-        """Run an endpoint for one request within the request's deadline."""
+        """Run an endpoint for one request within the request's deadline (in a batch, for a
+        batched endpoint)."""
         info = info or CallInfo()
-        timeout = self.settings.request_timeout
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout if timeout else None
+        deadline = self._deadline()
         # before a kernel is leased (it may fail), and off the event loop if it is large
         document = await self._offload.run(len(request.body), request_document, request)
         key = (endpoint.method, endpoint.path)
+        if endpoint.batch is not None:
+            return await self._batcher(key, endpoint).submit(document, deadline, info)
+
+        async def work(lease: Lease, version: Version) -> Reply:
+            index, ep = version.endpoints[key]
+            result, response = await self.channels.single(lease.kernel, version.language,
+                                                           index, ep, document)
+            return build_reply(result, response, self.settings.max_response_size,
+                               version.language.error)
+        return await self._leased(key, deadline, info, work)
+
+    async def _leased(self, key: Key, deadline: float | None, info: CallInfo,
+                      work: Work[T]) -> T:
+        """work(lease, its version) with a kernel leased until the deadline. Nothing between
+        the lease and the task can fail: the task owns the kernel and gives it back. A client
+        that goes away no longer cancels it: the cell finishes (within the deadline) and the
+        kernel returns to the pool clean."""
+        loop = asyncio.get_running_loop()
         queued = loop.time()
         try:
             lease = await self.pool.acquire(deadline, self._accepts(key))
         finally:
             info.queue_wait = loop.time() - queued
-        # Nothing between the lease and this task can fail: the task owns the kernel from
-        # here and gives it back. A client that goes away no longer cancels it: the cell
-        # finishes (within the deadline) and the kernel returns to the pool clean.
-        run = asyncio.create_task(self._run(lease, key, document, deadline))
+        run = asyncio.create_task(self._owned(lease, key, deadline, work))
         self._runs.add(run)
         run.add_done_callback(self._run_done)
         info.slot, info.kernel_pid = lease.slot, lease.kernel.pid
         return await asyncio.shield(run)
 
-    def _run_done(self, run: asyncio.Task[Reply]) -> None:
+    def _run_done(self, run: asyncio.Task[Any]) -> None:
         self._runs.discard(run)
         if not run.cancelled():
             run.exception()  # retrieved: its client may have gone away before it ended
 
-    async def _execute(self, kernel: Kernel, version: Version, key: Key,
-                       request: str) -> tuple[ExecutionResult, ExecutionResult | None]:
-        """The endpoint's result and its ResponseInfo result, by the cheapest channel."""
-        index, endpoint = version.endpoints[key]
-        limit = self.settings.max_response_size
-        channel = self._direct.get(kernel)
-        if channel is not None and channel.serves(index):
-            return await channel.call(index, request, limit)
-        language, marker = version.language, self._marker
-        assert self._ipc_dir is not None
-        spill = os.path.join(self._ipc_dir, f"request-{uuid.uuid4().hex[:12]}")
-        by_file = bind_request_from_file(language.name, spill) if len(request) > LARGE \
-            else None
-        try:
-            if by_file is None:
-                code = language.request_code(endpoint.source, request, marker)
-            else:  # too large to be cell code: the kernel reads it from kgpool's 0700 folder
-                await self._offload.run(len(request), write_text, spill, request)
-                code = by_file + language.guarded(language.scope(endpoint.source), marker)
-            result = await self._run_code(kernel, language, code, limit)
-        finally:
-            if by_file is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(spill)
-        if result.error is not None or endpoint.response_source is None:
-            return result, None
-        return result, await self._run_code(
-            kernel, language, language.response_code(endpoint.response_source, marker), limit)
-
-    async def _run_code(self, kernel: Kernel, language: Language, code: str,
-                        limit: int = 0) -> ExecutionResult:
-        """Execute (large code encoded off the event loop); a guarded cell's printed report
-        becomes its output and error."""
-        content = await self._offload.run(len(code), execute_content, code)
-        result = await kernel.execute("", content=content, limit=limit)
-        if language.guard is not None:
-            report = read_report("".join(result.stdout), self._marker)
-            if report is None:  # the kernel's process lives on, the language runtime is gone
-                raise KernelDied(f"{kernel.label}: the kernel did not finish the cell "
-                                 f"({_stderr(result)})")
-            result.stdout, error = [report[0]], report[1]
-            result.error = result.error or error
-        return result
-
-    async def _run(self, lease: Lease, key: Key, request: str,
-                   deadline: float | None) -> Reply:
+    async def _owned(self, lease: Lease, key: Key, deadline: float | None,
+                     work: Work[T]) -> T:
         outcome = "ok"
         started = time.monotonic()
         version = self._versions[lease.version]  # its kernel's version of the endpoint
         try:
             async with asyncio.timeout_at(deadline):
-                result, info = await self._execute(lease.kernel, version, key, request)
-            return build_reply(result, info, self.settings.max_response_size,
-                               version.language.error)
+                return await work(lease, version)
         except TimeoutError:
             outcome = "timeout"
             raise ExecutionTimeout(
@@ -390,7 +436,7 @@ class NotebookService:
         except KernelDied:
             outcome = "crash"
             raise
-        except (ExecutionError, ResponseInfoError, ResponseTooLarge):
+        except (ExecutionError, ResponseInfoError, ResponseTooLarge, BatchError):
             raise  # the cell failed, the kernel is fine
         except BaseException:
             outcome = "cancelled"
@@ -399,13 +445,92 @@ class NotebookService:
             self.pool.release(lease, outcome)
             self.metrics.executed(key[1], time.monotonic() - started)
 
+    # ----- batches -------------------------------------------------------------------------
 
-def _stderr(result: ExecutionResult) -> str:
-    text = "".join(result.stderr).strip()
-    return f"it said {text[-200:]!r}" if text else "it said nothing"
+    def _batcher(self, key: Key, endpoint: Endpoint) -> Batcher:
+        batcher = self._batchers.get(key)
+        if batcher is None:
+            assert endpoint.batch is not None
+            bound = max(1, self.settings.max_queue) * endpoint.batch.max_size
+            batcher = self._batchers[key] = Batcher(
+                endpoint.batch, lambda batch_id, items: self._run_batch(key, batch_id, items),
+                bound)
+        return batcher
 
+    async def _run_batch(self, key: Key, batch_id: str, items: list[Item]) -> None:
+        """One batch on one kernel; every item gets its own answer (or error)."""
+        items = [item for item in items if not item.future.done()]  # those still waiting
+        if not items:
+            return
+        deadlines = [item.deadline for item in items if item.deadline is not None]
+        self.metrics.batched(key[1], len(items))
+        for item in items:
+            item.info.batch = batch_id
 
-def write_text(path: str, text: str) -> None:
-    """A request's document, for the kernel to read (in a helper process when large)."""
-    with open(path, "w", encoding="utf-8", errors="surrogateescape") as out:
-        out.write(text)
+        async def work(lease: Lease, version: Version) -> list[Reply | Exception]:
+            index, ep = version.endpoints[key]
+            result, response = await self.channels.batch(
+                lease.kernel, version.language, index, ep, [item.document for item in items])
+            return batch_replies(result, response, len(items),
+                                 self.settings.max_response_size, version.language.error)
+        try:
+            answers = await self._leased(key, min(deadlines) if deadlines else None,
+                                         items[0].info, work)
+        except Exception as exc:  # the whole batch failed: every request with it
+            answers = [exc] * len(items)
+        for item, answer in zip(items, answers, strict=True):
+            if item.future.done():
+                continue  # its client left, or its own deadline passed
+            if isinstance(answer, Exception):
+                item.future.set_exception(answer)
+            else:
+                item.future.set_result(answer)
+        for item in items[1:]:
+            item.info.queue_wait, item.info.slot = items[0].info.queue_wait, items[0].info.slot
+            item.info.kernel_pid = items[0].info.kernel_pid
+
+    # ----- streams -------------------------------------------------------------------------
+
+    async def stream(self, endpoint: Endpoint, request: RequestData,
+                     info: CallInfo | None = None) -> AsyncIterator[Part]:
+        """A streamed answer: first the Head (status and headers, after ResponseInfo), then
+        each Piece the cell prints or displays, as it comes. An error raises from the
+        iteration; the deadline and --max-response-size hold as for any answer. If the caller
+        stops iterating (its client left), the cell still finishes and its output is dropped."""
+        info = info or CallInfo()
+        deadline = self._deadline()
+        document = await self._offload.run(len(request.body), request_document, request)
+        key = (endpoint.method, endpoint.path)
+        parts: asyncio.Queue[Part | BaseException | None] = asyncio.Queue()
+        feed = _Feed(parts, self.settings.max_response_size, endpoint.stream or "chunked")
+
+        async def work(lease: Lease, version: Version) -> None:
+            index, ep = version.endpoints[key]
+            result = await self.channels.stream(lease.kernel, version.language, index, ep,
+                                                document, feed.emit)
+            if result.error is not None:
+                raise execution_error(result.error, version.language.error)
+            if feed.error is not None and not isinstance(feed.error, ResponseTooLarge):
+                raise feed.error
+
+        async def produce() -> None:
+            try:
+                await self._leased(key, deadline, info, work)
+                parts.put_nowait(None)
+            except BaseException as exc:
+                parts.put_nowait(exc)
+
+        producer = asyncio.ensure_future(produce())
+        try:
+            while True:
+                part = await parts.get()
+                if part is None:
+                    return
+                if isinstance(part, BaseException):
+                    raise part
+                yield part
+        finally:
+            feed.abandoned = True  # the cell finishes, its output goes nowhere
+            if not producer.done():
+                self._runs.add(producer)
+                producer.add_done_callback(self._run_done)

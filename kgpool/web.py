@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from .config import Settings
 from .connections import Connections
 from .errors import (
+    BatchError,
     ConfigError,
     EndpointRemoved,
     ExecutionError,
@@ -41,10 +42,11 @@ from .middleware import (
     error_response,
     middlewares,
 )
-from .mounts import Mounts, mount_specs
+from .mounts import Mount, Mounts, mount_specs
 from .notebook import Notebook
 from .requests import RequestData
 from .specs import openapi, swagger
+from .streams import Writer
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _STATUS_TABLE: tuple[tuple[type[BaseException], int, str, dict[str, str]], ...] = (
     (ResponseInfoError, 500, "bad_response_info", {}),
     (ResponseTooLarge, 500, "response_too_large", {}),
+    (BatchError, 500, "batch_answers", {}),
     (EndpointRemoved, 404, "not_found", {}),
     (ExecutionTimeout, 504, "timeout", {}),
     (QueueFull, 503, "queue_full", {"Retry-After": RETRY_AFTER}),
@@ -135,20 +138,30 @@ class NotebookHandler:
             params=params,
             headers=tuple((k, v) for k, v in request.headers.items()
                           if not (self.hide_token and k.lower() == "authorization")))
+        if endpoint.stream is not None:
+            parts = mount.service.stream(endpoint, data, request[CALL])
+            return await Writer(request, endpoint.stream).send(
+                parts, lambda exc: self.error(mount, exc))
         try:
             reply = await mount.service.call(endpoint, data, request[CALL])
         except Exception as exc:
-            status, error, message, headers = describe(exc, details=self.hide_token)
-            if error in REJECTIONS:
-                mount.service.metrics.rejected_request(error)
-            if self.expose_traceback and isinstance(exc, ExecutionError):
-                return error_response(500, error, message, traceback=[
-                    _ANSI.sub("", line) for line in exc.traceback])
-            return error_response(status, error, message, headers)
+            return self.error(mount, exc)[0]
         if request.method == "GET" and reply.status == 200 and \
                 not any(name.lower() == "etag" for name in reply.headers):
             return await _with_etag(request, reply.headers, reply.body)
         return web.Response(status=reply.status, headers=reply.headers, body=reply.body)
+
+
+    def error(self, mount: Mount, exc: BaseException) -> tuple[web.Response, dict[str, Any]]:
+        """The answer for a failed request, and its JSON body."""
+        status, error, message, headers = describe(exc, details=self.hide_token)
+        if error in REJECTIONS:
+            mount.service.metrics.rejected_request(error)
+        body: dict[str, Any] = {"error": error, "message": message}
+        if self.expose_traceback and isinstance(exc, ExecutionError):
+            body["traceback"] = [_ANSI.sub("", line) for line in exc.traceback]
+        return error_response(status, error, message, headers,
+                              **{k: v for k, v in body.items() if k == "traceback"}), body
 
 
 async def _with_etag(request: web.Request, headers: dict[str, str],

@@ -36,21 +36,24 @@ class Wire:
         """(msg_id, frames) for a new request message."""
         return self.request_encoded(msg_type, encode_content(content))
 
-    def request_encoded(self, msg_type: str, content: bytes) -> tuple[str, list[bytes]]:
+    def request_encoded(self, msg_type: str, content: bytes,
+                        metadata: bytes = b"{}") -> tuple[str, list[bytes]]:
         """(msg_id, frames) for a request whose content is JSON already (encode_content)."""
-        msg_id, parts = self._parts(msg_type, content)
+        msg_id, parts = self._parts(msg_type, content, metadata)
         return msg_id, [DELIM, self.sign(parts), *parts]
 
-    def _parts(self, msg_type: str, content: bytes) -> tuple[str, list[bytes]]:
+    def _parts(self, msg_type: str, content: bytes,
+               metadata: bytes = b"{}") -> tuple[str, list[bytes]]:
         msg_id = uuid.uuid4().hex
         header = {"msg_id": msg_id, "msg_type": msg_type, "username": self._username,
                   "session": self._session, "date": datetime.now(UTC).isoformat(),
                   "version": PROTOCOL_VERSION}
-        return msg_id, [json.dumps(header).encode(), b"{}", b"{}", content]
+        return msg_id, [json.dumps(header).encode(), b"{}", metadata, content]
 
-    async def request_large(self, msg_type: str, content: bytes) -> tuple[str, list[bytes]]:
+    async def request_large(self, msg_type: str, content: bytes,
+                            metadata: bytes = b"{}") -> tuple[str, list[bytes]]:
         """request_encoded, signing in a thread: HMAC lets go of the GIL on large input."""
-        msg_id, parts = self._parts(msg_type, content)
+        msg_id, parts = self._parts(msg_type, content, metadata)
         return msg_id, [DELIM, await asyncio.to_thread(self.sign, parts), *parts]
 
     def reply_to(self, frames: list[bytes], msg_id: bytes) -> tuple[str, dict[str, Any]] | None:

@@ -227,3 +227,40 @@ write("init_leaks", [
     "    raise RuntimeError('db password is hunter2')",
     "# GET /ok\nprint('ok', end='')",
 ])
+
+# Batched and streamed endpoints (issue 16): written so that Kernel Gateway, which reads the
+# `kgpool:` lines as comments, serves them one request at a time.
+write("batching", [
+    "import json, os, time\nCALLS = 0",
+    "# POST /double\n# kgpool: batch max_size=8 max_wait=0.05\n"
+    "requests = REQUESTS if 'REQUESTS' in globals() else [REQUEST]\nCALLS += 1\n"
+    "answers = [json.dumps({'x': json.loads(r)['body']['x'] * 2, 'batch': len(requests), "
+    "'pid': os.getpid()}) for r in requests]\n"
+    "RESPONSES = answers\nif 'REQUESTS' not in globals():\n    print(answers[0])",
+    "# POST /shaped\n# kgpool: batch max_size=8 max_wait=0.05\n"
+    "out = []\nfor r in REQUESTS:\n    x = json.loads(r)['body']['x']\n"
+    "    if x < 0:\n        out.append(ValueError(f'negative: {x}'))\n"
+    "    elif x == 0:\n        out.append({'status': 404, 'headers': {'X-Why': 'zero'}, 'body': 'none'})\n"
+    "    elif x == 1:\n        out.append(b'\\x00\\x01')\n    else:\n        out.append({'twice': x * 2})\n"
+    "RESPONSES = out",
+    "# POST /printed\n# kgpool: batch max_size=4 max_wait=0.05\n"
+    "print(json.dumps([json.loads(r)['body'] for r in REQUESTS]))",
+    "# POST /wrong-count\n# kgpool: batch max_size=4 max_wait=0.05\nRESPONSES = ['only one']",
+    "# POST /raises\n# kgpool: batch max_size=4 max_wait=0.05\nraise RuntimeError('whole batch')",
+    "# POST /slow\n# kgpool: batch max_size=4 max_wait=0.05\ntime.sleep(float(json.loads(REQUESTS[0])['body']['s']))\n"
+    "RESPONSES = ['slept'] * len(REQUESTS)",
+    "# GET /calls\nprint(CALLS, end='')",
+])
+write("streaming", [
+    "import json, sys, time",
+    "# GET /tokens\n# kgpool: stream\nfor i in range(5):\n    print(f'token {i}', flush=True)\n    time.sleep(0.2)",
+    "# GET /events\n# kgpool: stream sse\nfor i in range(5):\n    print(f'event {i}')\n    time.sleep(0.2)",
+    "# GET /shown\n# kgpool: stream sse\nfrom IPython.display import display, HTML\nprint('first')\ndisplay(HTML('<b>x</b>'))\nprint('last')",
+    "# GET /fails\n# kgpool: stream sse\nprint('partial')\nraise ValueError('midway')",
+    "# GET /fails-early\n# kgpool: stream\nraise ValueError('before any output')",
+    "# GET /forever\n# kgpool: stream\nwhile True:\n    print('tick', flush=True)\n    time.sleep(0.05)",
+    "# GET /flood\n# kgpool: stream\nfor i in range(200):\n    print('x' * 1000)",
+    "# GET /styled\n# kgpool: stream sse\nprint('styled')",
+    "# ResponseInfo GET /styled\nprint(json.dumps({'status': 201, 'headers': {'X-Stream': 'yes'}}))",
+    "# GET /quiet\n# kgpool: stream\nx = 1",
+])
