@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,13 +32,15 @@ class Item:
         default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
+log = logging.getLogger(__name__)
 Run = Callable[[str, list[Item]], Awaitable[None]]  # (batch id, its items) -> answers set
 
 
 class Batcher:
     """Gathers the requests of one batched endpoint and hands each batch to `run`."""
 
-    def __init__(self, batching: Batching, run: Run, bound: int) -> None:
+    def __init__(self, batching: Batching, run: Run, bound: int, name: str = "") -> None:
+        self.name = name  # for the log: the endpoint
         self.max_size, self.max_wait = batching.max_size, batching.max_wait
         self._run = run
         self._bound = bound  # requests gathering or waiting at most
@@ -54,6 +57,8 @@ class Batcher:
         self._open.append(item)
         self._pending += 1
         item.future.add_done_callback(self._answered)
+        log.debug("%s: a request joins the gathering batch (%d in it)", self.name,
+                  len(self._open))
         if len(self._open) >= self.max_size:
             self._close()
         elif len(self._open) == 1:
@@ -76,6 +81,8 @@ class Batcher:
         """The request gave up: out of a gathering batch, or its answer dropped."""
         if item in self._open:
             self._open.remove(item)
+            log.debug("%s: a request left the gathering batch (%d in it)", self.name,
+                      len(self._open))
             if not self._open and self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
@@ -88,7 +95,9 @@ class Batcher:
             self._timer = None
         batch, self._open = self._open, []
         if batch:
-            task = asyncio.ensure_future(self._run(uuid.uuid4().hex[:12], batch))
+            batch_id = uuid.uuid4().hex[:12]
+            log.debug("%s: batch %s closes with %d request(s)", self.name, batch_id, len(batch))
+            task = asyncio.ensure_future(self._run(batch_id, batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 

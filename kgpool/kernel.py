@@ -244,6 +244,23 @@ class Kernel:
         self.kill()
         return stacks
 
+    def interrupt(self) -> bool:
+        """Interrupt the running cell now, as Jupyter's stop button does (SIGINT to the
+        kernel's process group): False for kernels interrupted by message, whose interrupt
+        could arrive after the cell ended, in the next one's time."""
+        spec = self._km.kernel_spec if self._km is not None else None
+        if self.pid is None or not self.is_alive or \
+                getattr(spec, "interrupt_mode", "signal") != "signal":
+            return False
+        try:
+            os.killpg(self.pid, signal.SIGINT)
+        except (ProcessLookupError, PermissionError):
+            try:
+                os.kill(self.pid, signal.SIGINT)
+            except (ProcessLookupError, PermissionError):
+                return False
+        return True
+
     def kill(self) -> None:
         """SIGKILL the kernel's process group (the kernel and anything it spawned)."""
         process = self._process()  # also set when start() was cancelled half-way

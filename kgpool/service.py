@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -121,6 +121,14 @@ class _Feed:
         self.size = 0
         self.abandoned = False
         self.error: BaseException | None = None
+        self.stop: Callable[[], object] | None = None  # interrupts the cell (while leased)
+
+    def abandon(self) -> None:
+        """Nobody wants the rest: drop it, and stop the cell if it is running."""
+        self.abandoned = True
+        stop, self.stop = self.stop, None
+        if stop is not None:
+            stop()
 
     def emit(self, kind: str, data: Any) -> None:
         if self.abandoned or self.error is not None:
@@ -151,7 +159,7 @@ class _Feed:
             self.error = ResponseTooLarge(f"the streamed answer passed {self.limit} bytes "
                                           "(--max-response-size)")
             self.put(self.error)
-            self.abandoned = True  # the cell runs on; the rest of its output is dropped
+            self.abandon()
             return
         self.put(piece)
 
@@ -438,8 +446,11 @@ class NotebookService:
             raise
         except (ExecutionError, ResponseInfoError, ResponseTooLarge, BatchError):
             raise  # the cell failed, the kernel is fine
-        except BaseException:
-            outcome = "cancelled"
+        except BaseException as exc:
+            outcome = "cancelled"  # its state is unknown: replaced
+            if not isinstance(exc, asyncio.CancelledError):
+                log.error("%s: the request failed inside kgpool", lease.kernel.label,
+                          exc_info=True)
             raise
         finally:
             self.pool.release(lease, outcome)
@@ -454,7 +465,7 @@ class NotebookService:
             bound = max(1, self.settings.max_queue) * endpoint.batch.max_size
             batcher = self._batchers[key] = Batcher(
                 endpoint.batch, lambda batch_id, items: self._run_batch(key, batch_id, items),
-                bound)
+                bound, f"{self.notebook.name}: {key[0]} {key[1]}")
         return batcher
 
     async def _run_batch(self, key: Key, batch_id: str, items: list[Item]) -> None:
@@ -492,11 +503,12 @@ class NotebookService:
     # ----- streams -------------------------------------------------------------------------
 
     async def stream(self, endpoint: Endpoint, request: RequestData,
-                     info: CallInfo | None = None) -> AsyncIterator[Part]:
+                     info: CallInfo | None = None) -> AsyncGenerator[Part, None]:
         """A streamed answer: first the Head (status and headers, after ResponseInfo), then
         each Piece the cell prints or displays, as it comes. An error raises from the
         iteration; the deadline and --max-response-size hold as for any answer. If the caller
-        stops iterating (its client left), the cell still finishes and its output is dropped."""
+        stops iterating (its client left) or the answer passes the limit, the cell is
+        interrupted and its kernel kept; the rest of its output is dropped."""
         info = info or CallInfo()
         deadline = self._deadline()
         document = await self._offload.run(len(request.body), request_document, request)
@@ -506,8 +518,20 @@ class NotebookService:
 
         async def work(lease: Lease, version: Version) -> None:
             index, ep = version.endpoints[key]
-            result = await self.channels.stream(lease.kernel, version.language, index, ep,
-                                                document, feed.emit)
+            if feed.abandoned:  # the client left while this waited for a kernel
+                return
+            # Only while the lease is held: an interrupt must never reach the next request.
+            feed.stop = lease.kernel.interrupt
+            try:
+                result = await self.channels.stream(lease.kernel, version.language, index,
+                                                    ep, document, feed.emit)
+            finally:
+                feed.stop = None
+            if feed.abandoned:
+                if result.error is not None:
+                    log.info("%s: a streamed answer nobody reads any more was stopped (%s)",
+                             lease.kernel.label, result.error.get("ename"))
+                return
             if result.error is not None:
                 raise execution_error(result.error, version.language.error)
             if feed.error is not None and not isinstance(feed.error, ResponseTooLarge):
@@ -530,7 +554,9 @@ class NotebookService:
                     raise part
                 yield part
         finally:
-            feed.abandoned = True  # the cell finishes, its output goes nowhere
             if not producer.done():
+                # the client left: the cell is interrupted (a kernel that shrugs that off is
+                # stopped at the deadline); what it still prints goes nowhere
+                feed.abandon()
                 self._runs.add(producer)
                 producer.add_done_callback(self._run_done)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import NOTEBOOKS, Response, Server
+from conftest import NOTEBOOKS, Response, Server, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 BATCHING = NOTEBOOKS / "batching.ipynb"
@@ -112,3 +113,20 @@ def test_batches_are_refused_for_other_languages(tmp_path) -> None:  # type: ign
     out = subprocess.run([sys.executable, "-m", "kgpool", "serve", str(path), "--port", "0"],
                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert out.returncode != 0 and "needs a Python kernel" in out.stderr
+
+
+def test_a_client_that_leaves_a_gathering_batch_is_not_in_it() -> None:
+    """Two requests gather (max_wait 1.5 s); the first client leaves before the batch closes:
+    the batch runs with the other one alone."""
+    with Server(BATCHING, "--kernels", "1", "--log-level", "debug") as server:
+        gone = socket.create_connection(("127.0.0.1", server.port))
+        gone.sendall(b"POST /patient HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+                     b"Content-Type: application/json\r\n\r\n{}")
+        wait_for(lambda: "(1 in it)" in server.output(), what="the first request gathering")
+        with ThreadPoolExecutor(1) as ex:
+            stays = ex.submit(post, server, "/patient", {})
+            wait_for(lambda: "(2 in it)" in server.output(), what="both gathering")
+            gone.close()
+            assert stays.result(10).text == "1"
+        assert "POST /patient 499" in server.output()
+        assert "a request left the gathering batch" in server.output()

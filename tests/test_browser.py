@@ -356,3 +356,29 @@ def test_harness_stays_on_loopback(browser: Chromium, pages: PageServer) -> None
             .map(u => fetch(u, {mode: 'no-cors'}).then(() => 'reached', e => e.name)))""")
     assert outcome == ["TypeError", "TypeError"], outcome
 
+
+
+# Reads a streamed endpoint with EventSource; resolves once its `end` event came (or it failed).
+EVENT_SOURCE = """new Promise(resolve => {
+  const started = performance.now(), events = [];
+  const source = new EventSource(%s);
+  source.onmessage = e => events.push({at: performance.now() - started, data: e.data});
+  source.addEventListener('end', () => { source.close(); resolve({events, ended: true}); });
+  source.onerror = () => { source.close(); resolve({events, ended: false}); };
+})"""
+
+
+def test_event_source_gets_each_printed_line_as_it_is_printed(browser: Chromium) -> None:
+    """A page reads a `# kgpool: stream sse` endpoint with the browser's EventSource: one event
+    per printed line, in order, as they are printed (200 ms apart), and the `end` event closes
+    it rather than reconnecting and running the cell again."""
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(Server(NOTEBOOKS / "streaming.ipynb", "--kernels", "1"))
+        page = stack.enter_context(browser.open(f"http://127.0.0.1:{server.port}/"))
+        seen = page.evaluate(EVENT_SOURCE % json.dumps("/events"), timeout=30)
+        assert seen["ended"], seen
+        assert [e["data"] for e in seen["events"]] == [f"event {i}" for i in range(5)]
+        first, last = seen["events"][0]["at"], seen["events"][-1]["at"]
+        assert last - first >= 600, seen  # streamed, not gathered and sent at the end
+        # the cell ran once: no reconnection after the end
+        assert server.metric("kgpool_http_requests_total", 'route="/events"') == 1

@@ -59,7 +59,14 @@ def test_server_sent_events_one_per_line(streamer: Server) -> None:
     assert resp.getheader("Content-Type") == "text/event-stream"
     assert resp.getheader("Cache-Control") == "no-cache"
     events = b"".join(d for _, d in got).decode().split("\n\n")
-    assert events[:5] == [f"data: event {i}" for i in range(5)] and events[5:] == [""]
+    assert events[:5] == [f"data: event {i}" for i in range(5)]
+    assert events[5:] == ["event: end\ndata: ", ""]  # an EventSource closes, not reconnects
+
+
+def test_cr_lf_and_crlf_each_end_an_event(streamer: Server) -> None:
+    _, got = chunks(streamer, "/lines")  # "a\r\nb\rc", "\r", "\nd\n" printed apart
+    events = b"".join(d for _, d in got).decode().split("\n\n")
+    assert events == ["data: a", "data: b", "data: c", "data: d", "event: end\ndata: ", ""]
 
 
 def test_displays_are_events_of_their_own(streamer: Server) -> None:
@@ -73,7 +80,7 @@ def test_displays_are_events_of_their_own(streamer: Server) -> None:
 def test_response_info_status_and_headers_come_first(streamer: Server) -> None:
     resp, got = chunks(streamer, "/styled")
     assert resp.status == 201 and resp.getheader("X-Stream") == "yes"
-    assert b"".join(d for _, d in got) == b"data: styled\n\n"
+    assert b"".join(d for _, d in got) == b"data: styled\n\nevent: end\ndata: \n\n"
 
 
 def test_an_error_before_any_output_is_a_plain_500(streamer: Server) -> None:
@@ -98,19 +105,47 @@ def test_a_stream_past_the_response_limit_stops_and_the_kernel_is_kept(
     assert streamer.kernel_pids() == pid
 
 
-def test_a_client_that_leaves_mid_stream_costs_nothing() -> None:
+def leave_mid_stream(server: Server, path: str) -> None:
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    seen = b""
+    while b"tick" not in seen:
+        seen += sock.recv(4096)
+    sock.close()
+
+
+def test_a_client_that_leaves_mid_stream_stops_the_cell_and_the_kernel_is_kept() -> None:
+    with Server(STREAMING, "--kernels", "1", "--timeout", "60") as server:
+        pid = server.kernel_pids()
+        leave_mid_stream(server, "/forever")  # it would print until its deadline
+        wait_for(lambda: server.pool()["idle"] == 1, what="the cell stopped, the kernel back")
+        assert server.kernel_pids() == pid
+        assert server.metric("kgpool_kernel_restarts_total") == 0
+        resp, got = chunks(server, "/tokens")  # and it serves the next one whole
+        assert b"".join(d for _, d in got) == b"".join(b"token %d\n" % i for i in range(5))
+
+
+def test_a_cell_that_shrugs_off_the_interrupt_is_stopped_at_its_deadline() -> None:
     with Server(STREAMING, "--kernels", "1", "--timeout", "2") as server:
-        sock = socket.create_connection(("127.0.0.1", server.port))
-        sock.sendall(b"GET /forever HTTP/1.1\r\nHost: x\r\n\r\n")
-        seen = b""
-        while b"tick" not in seen:
-            seen += sock.recv(4096)
-        sock.close()  # the cell runs on to its deadline; the kernel is replaced
+        pid = server.kernel_pids()
+        leave_mid_stream(server, "/stubborn")
         wait_for(lambda: server.pool()["idle"] == 1 and server.pool()["starting"] == 0
                  and server.metric("kgpool_kernel_restarts_total", 'reason="timeout"') == 1,
                  what="the kernel stopped at the deadline and replaced")
+        assert server.kernel_pids() != pid
         resp, got = chunks(server, "/tokens")
         assert b"token 4" in b"".join(d for _, d in got)
+
+
+def test_an_endless_stream_past_the_limit_is_stopped_and_the_kernel_kept(
+        streamer: Server) -> None:
+    pid = streamer.kernel_pids()
+    restarts = streamer.metric("kgpool_kernel_restarts_total")
+    resp, got = chunks(streamer, "/endless", complete=False)
+    assert sum(len(d) for _, d in got) <= 110000
+    streamer.wait_pool("the kernel back", idle=1)
+    assert streamer.kernel_pids() == pid
+    assert streamer.metric("kgpool_kernel_restarts_total") == restarts
 
 
 def test_a_stream_that_prints_nothing_is_an_empty_answer(streamer: Server) -> None:

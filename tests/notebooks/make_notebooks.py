@@ -249,6 +249,7 @@ write("batching", [
     "# POST /raises\n# kgpool: batch max_size=4 max_wait=0.05\nraise RuntimeError('whole batch')",
     "# POST /slow\n# kgpool: batch max_size=4 max_wait=0.05\ntime.sleep(float(json.loads(REQUESTS[0])['body']['s']))\n"
     "RESPONSES = ['slept'] * len(REQUESTS)",
+    "# POST /patient\n# kgpool: batch max_size=8 max_wait=1.5\nRESPONSES = [str(len(REQUESTS))] * len(REQUESTS)",
     "# GET /calls\nprint(CALLS, end='')",
 ])
 write("streaming", [
@@ -260,6 +261,11 @@ write("streaming", [
     "# GET /fails-early\n# kgpool: stream\nraise ValueError('before any output')",
     "# GET /forever\n# kgpool: stream\nwhile True:\n    print('tick', flush=True)\n    time.sleep(0.05)",
     "# GET /flood\n# kgpool: stream\nfor i in range(200):\n    print('x' * 1000)",
+    "# GET /endless\n# kgpool: stream\nwhile True:\n    print('x' * 1000, flush=True)\n    time.sleep(0.001)",
+    "# GET /stubborn\n# kgpool: stream\nwhile True:\n    try:\n        print('tick', flush=True)\n"
+    "        time.sleep(0.05)\n    except KeyboardInterrupt:\n        pass",
+    "# GET /lines\n# kgpool: stream sse\nprint('a\\r\\nb\\rc', end='', flush=True)\ntime.sleep(0.05)\n"
+    "print('\\r', end='', flush=True)\ntime.sleep(0.05)\nprint('\\nd')",
     "# GET /styled\n# kgpool: stream sse\nprint('styled')",
     "# ResponseInfo GET /styled\nprint(json.dumps({'status': 201, 'headers': {'X-Stream': 'yes'}}))",
     "# GET /quiet\n# kgpool: stream\nx = 1",
