@@ -3,6 +3,7 @@
 #   bash benchmarks/run.sh            # full sweep: kernels 1,2,4 x concurrency 1,4,16,64, 5 s runs
 #   bash benchmarks/run.sh --quick    # kernels 1,2 x concurrency 1,16, 3 s runs
 #   bash benchmarks/run.sh --help     # every option (durations, kernel counts, phases to skip)
+#   bash benchmarks/run.sh serving    # batching and streaming (benchmarks/serving.py; --help)
 #   KGPOOL_REF=HEAD bash benchmarks/run.sh   # kgpool from a commit (own venv) instead of the working tree
 #   KGPOOL_BASE=f166a32 bash benchmarks/run.sh --servers kgpool-direct,base-direct
 #                                   # the working tree and a baseline commit, in the same rotation
@@ -70,4 +71,9 @@ if [ -n "${KGPOOL_BASE:-}" ]; then
     export KGBENCH_BASE_VENV="$BVENV" KGBENCH_BASE_DESC="commit $BSHA ($KGPOOL_BASE)"
 fi
 
+if [ "${1:-}" = "serving" ]; then
+    shift
+    "$VENV/bin/python" -c "import sklearn" 2>/dev/null || "$VENV/bin/pip" install -q --disable-pip-version-check scikit-learn
+    exec "$VENV/bin/python" "$HERE/serving.py" "$@"
+fi
 exec "$VENV/bin/python" "$HERE/bench.py" "$@"
