@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -17,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hygiene import pytest_configure, pytest_sessionfinish, pytest_unconfigure
 
+__all__ = ["pytest_configure", "pytest_sessionfinish", "pytest_unconfigure"]  # pytest's hooks
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = Path(__file__).resolve().parent / "notebooks"
 EXAMPLE = ROOT / "deploy" / "notebooks" / "convert.ipynb"
@@ -54,6 +57,22 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def runtime_folders(kernels: list[int]) -> set[Path]:
+    """kgpool's runtime folders (kgpool-* under TMPDIR: sockets, connection files, the kernels'
+    TMPDIRs), found from the connection file on each kernel's command line."""
+    found = set()
+    for pid in kernels:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for arg in argv:
+            folder = Path(os.fsdecode(arg)).parent
+            if arg.endswith(b".json") and folder.name.startswith("kgpool-"):
+                found.add(folder)
+    return found
 
 
 def wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
@@ -106,6 +125,7 @@ class Server:
                     if k != "PYTEST_CURRENT_TEST"}
         self.proc: subprocess.Popen[bytes] | None = None
         self.kernels: list[int] = []
+        self.runtime: set[Path] = set()  # kgpool's own folders, removed here after a SIGKILL
         self._log = b""
 
     def start(self, ready: bool = True, timeout: float = 60.0) -> Server:
@@ -131,6 +151,7 @@ class Server:
                 # ready serves once one kernel is warm; tests start when all of them are
                 if ready.status == 200 and ready.json()["kernels"]["starting"] == 0:
                     self.kernels = kernel_children(self.proc.pid)
+                    self.runtime |= runtime_folders(self.kernels)
                     return
             except OSError:
                 pass
@@ -183,14 +204,16 @@ class Server:
         """Signal the server, wait for it, and check that no kernel it ever had survives."""
         assert self.proc is not None
         seen = set(self.kernels) | set(self.kernel_pids())
+        self.runtime |= runtime_folders(sorted(seen))
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            self.kill()
             raise AssertionError("server did not stop after " + signal.Signals(sig).name) from None
+        if code == -signal.SIGKILL:  # nothing of kgpool's ran to remove its folder
+            self.remove_runtime()
         self.output()
         if not self._logfile.closed:
             self._logfile.close()
@@ -199,6 +222,24 @@ class Server:
             os.kill(pid, signal.SIGKILL)
         assert not left, f"kernel processes outlived the server: {left}"
         return code
+
+    def kill(self) -> None:
+        """SIGKILL, and remove what kgpool could not: its runtime folder (the keys of its
+        kernels' connection files), once its kernels, which watch it, are gone too."""
+        assert self.proc is not None
+        kids = kernel_children(self.proc.pid)
+        self.kernels = sorted(set(self.kernels) | set(kids))
+        self.runtime |= runtime_folders(kids)
+        self.proc.kill()
+        self.proc.wait()
+        self.remove_runtime()
+
+    def remove_runtime(self) -> None:
+        wait_gone(self.kernels, timeout=10)
+        for folder in self.runtime:
+            shutil.rmtree(folder, ignore_errors=True)
+            if folder.parent.name.startswith("kgpool-tmp-"):  # the private TMPDIR of sealing
+                shutil.rmtree(folder.parent, ignore_errors=True)
 
     def output(self) -> str:
         """Everything the server has logged so far."""
@@ -212,8 +253,7 @@ class Server:
             return self.start()
         except BaseException:  # never leave a half-started server (and its kernels) behind
             if self.proc is not None and self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
+                self.kill()
             if not self._logfile.closed:
                 self._logfile.close()
             raise
