@@ -107,6 +107,10 @@ class Response:
         return json.loads(self.body)
 
 
+class PortTaken(AssertionError):
+    """The server could not listen: some other process took its free port first."""
+
+
 class Server:
     """`python -m kgpool serve` in a subprocess on a free loopback port."""
 
@@ -129,14 +133,31 @@ class Server:
         self._log = b""
 
     def start(self, ready: bool = True, timeout: float = 60.0) -> Server:
-        # A file, not a pipe: a full pipe would block the server's logging mid-test.
-        self._logfile = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(self.args, env=self.env, stdout=self._logfile,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     cwd=self.cwd)
-        if ready:
-            self.wait_ready(timeout)
+        for attempt in range(3):
+            # A file, not a pipe: a full pipe would block the server's logging mid-test.
+            self._logfile = tempfile.TemporaryFile()
+            self.proc = subprocess.Popen(self.args, env=self.env, stdout=self._logfile,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         cwd=self.cwd)
+            if not ready:
+                return self
+            try:
+                self.wait_ready(timeout)
+                return self
+            except PortTaken:
+                if attempt == 2:
+                    raise
+                self.move_port()  # another process took the free port first: another one
         return self
+
+    def move_port(self) -> None:
+        """A new free port, wherever the command line or the environment named the old one."""
+        old, self.port = str(self.port), free_port()
+        new = str(self.port)
+        self.args = [new if a == old else a[:-len(old)] + new
+                     if a.startswith("--") and a.endswith("=" + old) else a for a in self.args]
+        self.env = {k: new if v == old and k.endswith("PORT") else v
+                    for k, v in self.env.items()}
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -145,7 +166,9 @@ class Server:
             if self.proc.poll() is not None:
                 log = self.output()
                 self._logfile.close()
-                raise AssertionError(f"server exited {self.proc.returncode}: {log}")
+                taken = f", {self.port}): address already in use" in log
+                raise (PortTaken if taken else AssertionError)(
+                    f"server exited {self.proc.returncode}: {log}")
             try:
                 ready = self.request("GET", self.base + "/_kgpool/readyz", timeout=2)
                 # ready serves once one kernel is warm; tests start when all of them are

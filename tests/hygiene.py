@@ -70,7 +70,8 @@ class Hygiene:
                       if name != HARNESS and not name.startswith("pytest-of-"))
         shared = sorted(os.path.join(d, name) for d, before in self.shared.items()
                         for name in entries(Path(d)) - before
-                        if any(fnmatch.fnmatch(name, p) for p in SUITE_PATTERNS))
+                        if any(fnmatch.fnmatch(name, p) for p in SUITE_PATTERNS)
+                        and not name.startswith("kgpool-tests-"))  # other sessions' folders
         return made, shared
 
     def remove(self) -> None:

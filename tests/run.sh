@@ -6,8 +6,8 @@
 #      the other languages kgpool serves into .venv (pip), Debian packages (root only: the
 #      kernels' languages, Prometheus, Chromium, podman for the container test), ijavascript
 #      (npm, into the cache)
-#   3. pytest on the direct channel, then KGPOOL_CHANNEL=jupyter for every test not marked
-#      channel_independent; then the deployment checks (alert rules, manifests, container)
+#   3. pytest on the direct channel and, beside it, KGPOOL_CHANNEL=jupyter for every test not
+#      marked channel_independent; then the deployment checks (alert rules, manifests, container)
 #   4. the leftovers check: everything ran with one private temp folder; anything left in it
 #      fails the run, and the folder is removed (also after Ctrl-C or SIGTERM)
 #   bash tests/run.sh            everything
@@ -21,7 +21,9 @@
 # The private temp folder is /tmp/kgpool-tests-XXXXXX/tmp. As root the run happens in a mount
 # namespace of its own where that folder is mounted on /tmp (and a sibling on /var/tmp), so
 # even code that ignores TMPDIR writes into it and nothing of another process is counted;
-# elsewhere TMPDIR points at it and tests/hygiene.py also lists new suite-like names in /tmp.
+# elsewhere (or with KGPOOL_TEST_NO_NAMESPACE=1) TMPDIR points at it and tests/hygiene.py also
+# lists new suite-like names in /tmp. KGPOOL_TEST_SERIAL=1 runs the two pytest passes one after
+# the other instead of side by side.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 CACHE="${KGPOOL_TEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kgpool-tests}"
@@ -51,25 +53,29 @@ if [ -z "${KGPOOL_TEST_TMP:-}" ] && [ "${1:-}" != --plan ]; then
   }
   trap 'stop 130' INT
   trap 'stop 143' TERM
-  if [ "$(id -u)" = 0 ] && unshare --mount --propagation private true 2>/dev/null; then
-    where="/tmp and /var/tmp (a mount namespace of this run's own)"
+  if [ "$(id -u)" = 0 ] && [ -z "${KGPOOL_TEST_NO_NAMESPACE:-}" ] &&
+     unshare --mount --propagation private true 2>/dev/null; then
+    where="its private /tmp and /var/tmp (mounted in a namespace of its own)"
     # shellcheck disable=SC2016  # $1.. belong to the inner shell
     setsid unshare --mount --propagation private -- sh -c \
       'mount --bind "$1/var-tmp" /var/tmp && mount --bind "$1/tmp" /tmp && shift && exec "$@"' \
       sh "$RUN" env KGPOOL_TEST_TMP=/tmp TMPDIR=/tmp KGPOOL_TEST_RUN="$RUN" \
       bash "$SELF" "$@" </dev/null &
   else
-    where="TMPDIR"
+    where="its TMPDIR"
     setsid env KGPOOL_TEST_TMP="$RUN/tmp" TMPDIR="$RUN/tmp" KGPOOL_TEST_RUN="$RUN" \
       bash "$SELF" "$@" </dev/null &
   fi
   child=$!
   rc=0
   while kill -0 "$child" 2>/dev/null; do wait "$child" || rc=$?; done
-  left=$(cd "$RUN" && find tmp var-tmp -mindepth 1 -maxdepth 1 ! -name 'pytest-of-*' \
-           ! -name _suite | sort)
+  # what is left: in the temp folders, and in each pytest session's own (pass-*), where pytest's
+  # basetemp (pytest-of-*) and what tests/hygiene.py keeps in _suite are the harness's own
+  left=$(cd "$RUN" && { find tmp var-tmp -mindepth 1 -maxdepth 1 ! -name 'pass-*'
+                        find tmp -mindepth 2 -maxdepth 2 -path 'tmp/pass-*/*' \
+                          ! -name 'pytest-of-*' ! -name _suite; } | sort)
   if [ -n "$left" ]; then
-    printf '\nLEFT BEHIND by this run in its temp folder (%s):\n' "$where" >&2
+    printf '\nLEFT BEHIND by this run in %s:\n' "$where" >&2
     # shellcheck disable=SC2086  # one name a line, none with spaces
     (cd "$RUN" && du -sh $left 2>/dev/null | sed 's|^|  |; s|\t| |') >&2
     [ "$rc" != 0 ] || rc=1
@@ -194,30 +200,56 @@ if missing:
 CHECK
 
 # ---- the suite ---------------------------------------------------------------------------------
-# pytest exits 5 when it selected no test: an error in the first pass (nothing was tested),
-# and in the second only "nothing selected depends on the channel"
-pytest_pass() {  # pytest_pass NAME ARGS...
-  local name=$1 rc=0
-  shift
-  .venv/bin/python -m pytest "$@" </dev/null || rc=$?
+# Two pytest sessions: every test on the direct channel, and every test not marked
+# channel_independent again with requests as plain execute_requests (KGPOOL_CHANNEL=jupyter):
+# the two channels must behave identically. channel_independent tests (pure code, the Jupyter
+# protocol alone, other languages' kernels, what is settled before any kernel runs a request,
+# the parity suite that runs both channels itself) run once; a new module is in both.
+# The sessions run side by side (KGPOOL_TEST_SERIAL=1: one after the other): the suite mostly
+# waits for kernels, and uses about half a core. Each has a temp folder of its own.
+pytest_pass() {  # pytest_pass CHANNEL LOG|- ARGS...
+  local name=$1 log=$2 rc=0 tmp="$KGPOOL_TEST_TMP/pass-$1"
+  shift 2
+  mkdir -p "$tmp/_suite" && chmod 1777 "$tmp"
+  local run=(env KGPOOL_CHANNEL="$name" KGPOOL_TEST_TMP="$tmp" TMPDIR="$tmp"
+             .venv/bin/python -m pytest "$@")
+  if [ "$log" = - ]; then
+    "${run[@]}" </dev/null || rc=$?
+  else
+    "${run[@]}" </dev/null >"$log" 2>&1 || rc=$?
+  fi
+  # pytest exits 5 when it selected no test: an error in the direct pass (nothing was tested);
+  # in the other, no selected test depends on the channel
   if [ "$rc" = 5 ] && [ "$name" = jupyter ]; then
-    echo "(no selected test depends on the channel: nothing to run on the Jupyter channel)"
-    return 0
+    local note="(no selected test depends on the channel: nothing to run on the Jupyter channel)"
+    if [ "$log" = - ]; then echo "$note"; else echo "$note" >>"$log"; fi
+    rc=0
   elif [ "$rc" = 5 ]; then
     echo "tests/run.sh: pytest selected no test with: ${*:-(no arguments)}" >&2
-    return 1
+    rc=1
   fi
   return "$rc"
 }
-
-step "pytest (default: direct channel)"
-pytest_pass direct --durations=15 "$@"
-# Every test again with requests as plain execute_requests: the two channels must behave
-# identically. Only tests marked channel_independent (pure code, the Jupyter protocol alone,
-# other languages' kernels, options checked before any cell runs, the parity suite that runs
-# both channels itself) are left out, so a new module is in.
-step "pytest (KGPOOL_CHANNEL=jupyter)"
-KGPOOL_CHANNEL=jupyter pytest_pass jupyter -q --durations=5 -m "not channel_independent" "$@"
+JUPYTER=(-q --durations=5 -m "not channel_independent" "$@")
+if [ -n "${KGPOOL_TEST_SERIAL:-}" ]; then
+  step "pytest (default: direct channel)"
+  pytest_pass direct - --durations=15 "$@"
+  step "pytest (KGPOOL_CHANNEL=jupyter)"
+  pytest_pass jupyter - "${JUPYTER[@]}"
+else
+  JLOG="$KGPOOL_TEST_TMP/pass-jupyter/_suite/pytest.log"
+  step "pytest (default: direct channel), and KGPOOL_CHANNEL=jupyter beside it (shown after)"
+  pytest_pass jupyter "$JLOG" "${JUPYTER[@]}" &
+  jupyter=$!
+  direct=0
+  pytest_pass direct - --durations=15 "$@" || direct=$?
+  jrc=0
+  wait "$jupyter" || jrc=$?
+  step "pytest (KGPOOL_CHANNEL=jupyter), run beside the first"
+  cat "$JLOG"
+  [ "$direct" = 0 ] || exit "$direct"
+  [ "$jrc" = 0 ] || exit "$jrc"
+fi
 
 if [ "$FULL" = 1 ]; then
   step "observability checks (promtool)"
