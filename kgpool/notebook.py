@@ -39,6 +39,13 @@ class Cell:
         return f"cell {self.number} ({self.first_line[:60]!r})"
 
 
+def cell_label(numbers: tuple[int, ...], source: str) -> str:
+    """How a traceback names the cell(s) a piece of code came from: `4 ('# GET /x')`, or
+    `3+5 ('# GET /x')` for an endpoint written in two cells."""
+    first = source.strip().splitlines()[0] if source.strip() else ""
+    return f"{'+'.join(map(str, numbers))} ({first[:60]!r})"
+
+
 @dataclass(frozen=True)
 class Batching:
     """`# kgpool: batch max_size=32 max_wait=0.01`: concurrent requests run together."""

@@ -39,7 +39,7 @@ from .execution import Channels
 from .kernel import Kernel, spec_language
 from .languages import Language, kernel_language, transport_for
 from .metrics import NotebookMetrics
-from .notebook import Endpoint, Notebook
+from .notebook import Endpoint, Notebook, cell_label
 from .offload import Offload
 from .outputs import ExecutionResult
 from .pool import Accepts, KernelPool, Lease, PoolStatus
@@ -75,6 +75,17 @@ del _kgpool_setup
 def setup_code(stacks: str) -> str:
     """What every Python kernel runs before its init cells (stacks: where SIGUSR2 dumps)."""
     return PYTHON_SETUP % stacks + python_setup()
+
+
+def label_code(notebook: Notebook) -> str:
+    """Code that tells a Python kernel how its tracebacks name each cell of the notebook."""
+    labels = {cell.source: cell_label((cell.number,), cell.source)
+              for cell in notebook.init_cells}
+    for ep in notebook.endpoints:
+        labels[ep.source] = cell_label(ep.cells, ep.source)
+        if ep.response_source is not None:
+            labels[ep.response_source] = cell_label(ep.response_cells, ep.response_source)
+    return f"get_ipython().kgpool_label_cells({labels!r})\n"
 
 
 Key = tuple[str, str]  # (method, path template): an endpoint in any version of the notebook
@@ -327,6 +338,9 @@ class NotebookService:
                         log.warning("%s: Python setup failed, stdout is not captured: %s: %s",
                                     kernel.label, setup.error.get("ename"),
                                     setup.error.get("evalue"))
+                    else:
+                        kernel.hooked = True
+                        await kernel.execute(label_code(version.notebook), silent=True)
                     kernel.stack_file = stacks
                 elif language.setup:
                     await kernel.execute(language.setup, silent=True)
@@ -359,8 +373,7 @@ class NotebookService:
             return
         assert self._ipc_dir is not None
         path = os.path.join(self._ipc_dir, f"d{uuid.uuid4().hex[:12]}.sock")
-        cells = [(ep.source, ep.response_source, ep.batch is not None)
-                 for ep in version.notebook.endpoints]
+        cells = [(ep.source, ep.response_source) for ep in version.notebook.endpoints]
         try:
             channel = await DirectChannel.open(kernel, path, cells, self._offload)
         except (KernelError, OSError, ValueError) as exc:
