@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -97,7 +98,7 @@ class Endpoint:
     def params(self) -> tuple[str, ...]:
         return tuple(name for _, name in split_path(self.path) if name)
 
-    @property
+    @functools.cached_property
     def names(self) -> tuple[str, str]:
         """How messages name its cells and its ResponseInfo cells: `cell 4 ('# GET /x')`."""
         return (cells_name(self.cells, self.source),
