@@ -15,7 +15,7 @@ import uuid
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import zmq.asyncio
 
@@ -32,6 +32,7 @@ from .errors import (
     ResponseInfoError,
     ResponseTooLarge,
 )
+from .forked import Forker, template_setup
 from .kernel import Kernel, execute_content
 from .languages import bind_request, bind_request_from_file
 from .metrics import NotebookMetrics
@@ -114,7 +115,11 @@ class NotebookService:
         self._env = {**settings.kernel_env, "KERNEL_GATEWAY": "1"}
         self.current = Version.of(1, notebook)
         self._versions: dict[int, Version] = {1: self.current}
-        self.pool = KernelPool(self._make_kernel, kernels or settings.kernels,
+        self._forker: Forker | None = None  # --fork: made with the runtime folder
+        if settings.fork:
+            _forkable(notebook)
+        self.pool = KernelPool(self._make_worker if settings.fork else self._make_kernel,
+                               kernels or settings.kernels,
                                max_queue=settings.max_queue,
                                max_requests=settings.max_requests,
                                max_requests_jitter=settings.max_requests_jitter,
@@ -150,6 +155,12 @@ class NotebookService:
                 + ("the disk is full (or TMPDIR is not writable)" if full else str(exc))
             ) from None
         self._context = zmq.asyncio.Context()
+        if self.settings.fork:
+            self._forker = Forker(self._warm_template, self._cells, ipc_dir=self._ipc_dir,
+                                  current=lambda: self.pool.version, listener=self.metrics,
+                                  offload=self._offload, name=self.metrics.name,
+                                  allow_threads=self.settings.fork_allow_threads,
+                                  timeout=self.settings.init_timeout)
         self._warm = asyncio.create_task(self.pool.start(), name="kgpool-warm-up")
 
     async def warmed(self) -> None:
@@ -172,6 +183,8 @@ class NotebookService:
         if self._warm is not None:
             await asyncio.gather(self._warm, return_exceptions=True)
         await self.pool.close()
+        if self._forker is not None:
+            await self._forker.close()
         await asyncio.gather(*self._runs, return_exceptions=True)
         for channel in list(self._direct.values()):
             channel.close()
@@ -183,6 +196,8 @@ class NotebookService:
     async def reload(self, notebook: Notebook) -> None:
         """Roll the pool over to a new version of the notebook, one kernel at a time; raises
         (the old version keeps serving) if the first kernel of the new one cannot warm."""
+        if self.settings.fork:
+            _forkable(notebook)
         version = Version.of(max(self._versions) + 1, notebook)
         self._versions[version.number] = version
         try:
@@ -195,17 +210,23 @@ class NotebookService:
             live = {lease.version for lease in self.pool.members()} | {self.current.number}
             for number in [n for n in self._versions if n not in live]:
                 del self._versions[number]
+            if self._forker is not None:
+                self._forker.prune()  # the template of a version that did not warm
 
     def _switch(self, version: Version) -> None:
         log.info("%s: the new version serves from now on; retiring the old kernels one by one",
                  version.notebook.name)
         self.current = version
 
-    async def _make_kernel(self, number: Any, slot: int, on_death: Any) -> Kernel:
+    async def _make_kernel(self, number: Any, slot: int, on_death: Any, *,
+                           template: bool = False) -> Kernel:
+        """A kernel warmed the full way; a --fork template's set-up also notes what the init
+        cells will open, and it gets no channel of its own (forked.py installs its own)."""
         assert self._context is not None and self._ipc_dir is not None, "begin() first"
         version = self._versions[number]
         kernel = Kernel(self.kernel_name(version.notebook), context=self._context,
-                        label=f"slot {slot}", on_death=on_death, cwd=self._cwd,
+                        label="template" if template else f"slot {slot}", on_death=on_death,
+                        cwd=self._cwd,
                         ipc_dir=self._ipc_dir, env=self._env, offload=self._offload)
         cell = None
         try:
@@ -214,7 +235,9 @@ class NotebookService:
                 await kernel.start()
                 if version.notebook.language == "python":
                     stacks = os.path.join(self._ipc_dir, f"stacks-{uuid.uuid4().hex[:12]}")
-                    setup = await kernel.execute(setup_code(stacks), silent=True)
+                    setup = await kernel.execute(
+                        setup_code(stacks) + (template_setup() if template else ""),
+                        silent=True)
                     if setup.error is not None:
                         log.warning("%s: Python setup failed, stdout is not captured: %s: %s",
                                     kernel.label, setup.error.get("ename"),
@@ -229,7 +252,8 @@ class NotebookService:
                             f"{result.error.get('ename')}: {result.error.get('evalue')}")
                 self.metrics.kernel_warmed(booted - started, time.monotonic() - booted)
                 cell = None
-                await self._open_direct(kernel, version)
+                if not template:
+                    await self._open_direct(kernel, version)
         except BaseException as exc:
             await kernel.shutdown()
             where = f" in init {cell.name}" if cell else ""
@@ -242,6 +266,20 @@ class NotebookService:
                 raise InitError(str(exc)) from None
             raise
         return kernel
+
+    async def _warm_template(self, number: int, on_death: Any) -> Kernel:
+        return await self._make_kernel(number, -1, on_death, template=True)
+
+    def _cells(self, number: int) -> list[tuple[str, str | None]]:
+        return [(ep.source, ep.response_source) for ep in self._versions[number].notebook.endpoints]
+
+    async def _make_worker(self, number: Any, slot: int, on_death: Any) -> Kernel:
+        """--fork: a worker forked from the version's template, its channel registered."""
+        assert self._forker is not None, "begin() first"
+        worker = await self._forker.worker(number, slot, on_death)
+        assert worker.channel is not None
+        self._direct[cast(Kernel, worker)] = worker.channel
+        return cast(Kernel, worker)  # the pool uses only the kernel interface it implements
 
     async def _open_direct(self, kernel: Kernel, version: Version) -> None:
         if self.settings.channel != "direct" or version.notebook.language != "python":
@@ -351,6 +389,12 @@ class NotebookService:
         finally:
             self.pool.release(lease, outcome)
             self.metrics.executed(key[1], time.monotonic() - started)
+
+
+def _forkable(notebook: Notebook) -> None:
+    if notebook.language != "python":
+        raise ConfigError(f"--fork needs a Python kernel; {notebook.name} is a "
+                          f"{notebook.language} notebook (serve it without --fork)")
 
 
 def write_text(path: str, text: str) -> None:
