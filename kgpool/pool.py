@@ -216,6 +216,14 @@ class KernelPool:
             self._hand_out(lease)
         self._notify_if_quiet()
 
+    def recycle(self, lease: Lease, reason: str) -> None:
+        """Replace a kernel gracefully, as --max-requests does: it serves until its
+        replacement is warm (e.g. past --max-kernel-memory)."""
+        if lease.retiring or lease.stopped or lease not in self.members():
+            return
+        lease.retiring = True
+        self._start_replacement(lease.slot, reason, old=lease)
+
     def _hand_out(self, lease: Lease) -> None:
         """A kernel goes to the longest waiter that takes its version, else to the back of the
         idle queue: handing out from the front spreads requests over every kernel in turn."""
@@ -264,12 +272,16 @@ class KernelPool:
     # ----- supervision -------------------------------------------------------------------
 
     def _kernel_died(self, lease: Lease) -> None:
-        if lease.stopped:
+        if lease.stopped and not lease.unreported:
             return  # we stopped it
-        status = describe_exit(lease.kernel.exit_code)
+        # a forked worker may know only the cause (its template died): it says so
+        status = getattr(lease.kernel, "exit_status", None) or \
+            describe_exit(lease.kernel.exit_code)
         log.warning("kernel slot %d (pid %s) exited unexpectedly: %s", lease.slot,
                     lease.kernel.pid, status)
         self._listener.kernel_exited(status)
+        if lease.stopped:
+            return  # already being replaced: its exit was seen before this report
         if lease in self._idle:
             self._idle.remove(lease)
             self._replace(lease, "crash")
@@ -280,6 +292,8 @@ class KernelPool:
         if lease.stopped:
             return
         log.warning("kernel slot %d (pid %s) replaced: %s", lease.slot, lease.kernel.pid, reason)
+        # it exited before the report of its death came (that comes next: count it then)
+        lease.unreported = not lease.dead and not lease.kernel.is_alive
         delay = 0.0
         if reason == "crash":
             delay = self._crash_delay()

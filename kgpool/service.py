@@ -35,6 +35,7 @@ from .errors import (
 from .forked import Forker, template_setup
 from .kernel import Kernel, execute_content
 from .languages import bind_request, bind_request_from_file
+from .memory import MemoryWatch, TemplateInfo
 from .metrics import NotebookMetrics
 from .notebook import Endpoint, Notebook
 from .offload import Offload
@@ -132,6 +133,7 @@ class NotebookService:
         self._context: zmq.asyncio.Context | None = None
         self._ipc_dir: str | None = None
         self._warm: asyncio.Task[None] | None = None
+        self._memory: asyncio.Task[None] | None = None
         self._runs: set[asyncio.Task[Reply]] = set()
 
     @property
@@ -162,6 +164,15 @@ class NotebookService:
                                   allow_threads=self.settings.fork_allow_threads,
                                   timeout=self.settings.init_timeout)
         self._warm = asyncio.create_task(self.pool.start(), name="kgpool-warm-up")
+        watch = MemoryWatch(self.pool, limit=self.settings.kernel_memory_limit,
+                            report=self.metrics.kernel_memory, templates=self._templates,
+                            name=self.metrics.name)
+        self._memory = asyncio.create_task(self._watch_memory(watch), name="kgpool-memory")
+
+    async def _watch_memory(self, watch: MemoryWatch) -> None:
+        assert self._warm is not None
+        await asyncio.wait([self._warm])  # a first sample as soon as the pool is warm
+        await watch.run(first=True)
 
     async def warmed(self) -> None:
         assert self._warm is not None, "begin() first"
@@ -178,6 +189,8 @@ class NotebookService:
         return await self.pool.drain(timeout)
 
     async def close(self) -> None:
+        if self._memory is not None:
+            self._memory.cancel()
         if self._warm is not None and not self._warm.done():
             self._warm.cancel()
         if self._warm is not None:
@@ -271,7 +284,14 @@ class NotebookService:
         return await self._make_kernel(number, -1, on_death, template=True)
 
     def _cells(self, number: int) -> list[tuple[str, str | None]]:
-        return [(ep.source, ep.response_source) for ep in self._versions[number].notebook.endpoints]
+        endpoints = self._versions[number].notebook.endpoints
+        return [(ep.source, ep.response_source) for ep in endpoints]
+
+    def _templates(self) -> list[TemplateInfo]:
+        if self._forker is None:
+            return []
+        return [TemplateInfo(t.version, t.kernel.pid, t.report.state)
+                for t in self._forker.templates() if t.kernel.pid is not None]
 
     async def _make_worker(self, number: Any, slot: int, on_death: Any) -> Kernel:
         """--fork: a worker forked from the version's template, its channel registered."""
