@@ -325,7 +325,8 @@ class KernelPool:
         return delay
 
     def _warming(self, slot: int) -> bool:
-        return any(s == slot for s, _ in self._starting.values())
+        # a finished warm-up stays in _starting until its done callback runs: not warming
+        return any(s == slot for task, (s, _) in self._starting.items() if not task.done())
 
     def _start_replacement(self, slot: int, reason: str, old: Lease | None = None,
                            delay: float = 0.0) -> None:
