@@ -19,7 +19,6 @@ import asyncio
 import ctypes
 import faulthandler
 import gc
-import io
 import json
 import os
 import signal
@@ -184,19 +183,6 @@ class _Template:
         self.writer.write(_frame({"exit": pid, "status": status}))
 
 
-class _Discard(io.TextIOBase):
-    """A worker's sys.stderr: what cells write there is dropped, as kgpool drops the stderr
-    stream of a kernel's executions."""
-
-    def writable(self):
-        return True
-
-    def write(self, text):
-        if not isinstance(text, str):
-            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
-        return len(text)
-
-
 def _stdout_write(text):
     """What the captured stdout does outside executions in a worker: fd 1 (/dev/null then)."""
     if not isinstance(text, str):
@@ -274,7 +260,8 @@ class _Worker:
         output.current, output.held = None, []
         self.kept.append((output.write, output.flush, sys.stderr))
         output.write, output.flush = _stdout_write, lambda: None
-        sys.stderr = _Discard()
+        # what cells write to sys.stderr is dropped, as kgpool drops a kernel's stderr stream
+        sys.stderr = open(os.devnull, "w", buffering=1, encoding="utf-8", errors="replace")
         if faulthandler.is_enabled():
             faulthandler.enable(file=log, all_threads=True)
 

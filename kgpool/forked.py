@@ -119,7 +119,12 @@ class Forker:
         loop = asyncio.get_running_loop()
         started = loop.time()
         async with asyncio.timeout(self._timeout):
-            pid = await template.fork(path, stacks)
+            try:
+                pid = await template.fork(path, stacks)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)  # bound by the template before a fork that failed
+                raise
             worker = Worker(template, pid, f"slot {slot}", stacks, on_death)
             template.workers.add(worker)
             try:

@@ -36,6 +36,11 @@ if [ "$#" -eq 0 ]; then
   # the parity suite that runs both channels itself) are left out, so a new module is in.
   step "pytest (KGPOOL_CHANNEL=jupyter)"
   KGPOOL_CHANNEL=jupyter .venv/bin/python -m pytest -q -m "not channel_independent"
+  # And with --fork (kernels forked from a template): the same tests but those marked no_fork
+  # (one template warms, whatever the pool's size; non-Python notebooks). tests/test_fork.py
+  # runs both modes itself.
+  step "pytest (KGPOOL_FORK=1)"
+  KGPOOL_FORK=1 .venv/bin/python -m pytest -q -m "not channel_independent and not no_fork"
 fi
 
 if [ "$#" -eq 0 ]; then
