@@ -114,7 +114,9 @@ def test_chaos_worker_sigkill_under_load() -> None:
             t.start()
         kills, rng = 0, random.Random(11)
         while time.monotonic() < stop - 1:
-            wait_for(lambda: len(server.kernel_pids()) == 2, what="two workers")
+            # a warm worker: one killed while it is forked and connected is a failed warm-up
+            wait_for(lambda: warm(server) == 2 and len(server.kernel_pids()) == 2,
+                     what="two warm workers")
             victim = rng.choice(server.kernel_pids())
             os.kill(victim, signal.SIGKILL)
             kills += 1
