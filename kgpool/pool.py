@@ -82,8 +82,9 @@ class KernelPool:
     # ----- state -------------------------------------------------------------------------
 
     def status(self) -> PoolStatus:
-        desired = max(self.size, len(self._idle) + len(self._busy) + len(self._starting))
-        return PoolStatus(min(desired, self.max_size), len(self._starting), len(self._idle),
+        starting = len(self._warming_slots())
+        desired = max(self.size, len(self._idle) + len(self._busy) + starting)
+        return PoolStatus(min(desired, self.max_size), starting, len(self._idle),
                           len(self._busy), self._stopping, len(self._waiters), self.max_queue,
                           self._draining or self._closed, tuple(self._failing.values()),
                           self._rolling, self.size, self.max_size)
@@ -306,7 +307,7 @@ class KernelPool:
         if lease.retiring and self._warming(lease.slot):
             return  # a replacement for this slot is already warming
         if reason != "recycle" and not self._waiters and \
-                len(self.members()) + len(self._starting) >= self.size:
+                len(self.members()) + len(self._warming_slots()) >= self.size:
             return  # one of the extra kernels: demand warms another if it comes back
         self._start_replacement(lease.slot, reason, delay=delay)
 
@@ -325,8 +326,13 @@ class KernelPool:
         return delay
 
     def _warming(self, slot: int) -> bool:
-        # a finished warm-up stays in _starting until its done callback runs: not warming
-        return any(s == slot for task, (s, _) in self._starting.items() if not task.done())
+        return slot in self._warming_slots()
+
+    def _warming_slots(self) -> list[int]:
+        """The slots being warmed. A finished warm-up stays in _starting until its done
+        callback runs, its kernel a member already: counting it twice lost a slot when a
+        kernel died in that moment (its replacement looked like an extra kernel)."""
+        return [slot for task, (slot, _) in self._starting.items() if not task.done()]
 
     def _start_replacement(self, slot: int, reason: str, old: Lease | None = None,
                            delay: float = 0.0) -> None:
@@ -437,8 +443,9 @@ class KernelPool:
         if self._closed or self._draining:
             return
         waiting = sum(1 for waiter in self._waiters if not waiter.future.done())
-        room = self.max_size - len(self.members()) - len(self._starting)
-        for _ in range(max(0, min(waiting - len(self._starting), room))):
+        warming = len(self._warming_slots())
+        room = self.max_size - len(self.members()) - warming
+        for _ in range(max(0, min(waiting - warming, room))):
             slot = self._free_slot()
             self._listener.pool_resized("up", "queue")
             log.info("growing the pool: slot %d for %d waiting request(s)", slot, waiting)
