@@ -109,6 +109,11 @@ class Forker:
             except KernelDied as exc:
                 if attempt == 2 or template.alive:
                     raise InitError(f"slot {slot}: {exc}") from None
+            except TimeoutError:
+                raise InitError(f"slot {slot}: no worker from the template after "
+                                f"{self._timeout:g}s") from None
+            except KernelError as exc:
+                raise InitError(f"slot {slot}: {exc}") from None
         raise AssertionError("unreachable")
 
     async def _fork(self, template: Template, slot: int,

@@ -50,7 +50,6 @@ class Report:
     installed: bool  # False: refused, nothing serves
 
 
-
 class Worker:
     """A process forked from a template that serves the direct channel's protocol."""
 
