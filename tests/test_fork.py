@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import signal
 import threading
 import time
@@ -181,8 +182,9 @@ def test_timeout_in_a_worker_says_where_and_kills_its_process_group(tmp_path: Pa
         assert server.get("/state").status == 200  # a fresh worker took the slot
 
 
-def test_server_sigkill_leaves_no_template_or_worker() -> None:
-    server = Fork(FORKED, "--kernels", "2")
+def test_server_sigkill_leaves_no_template_or_worker(tmp_path: Path) -> None:
+    # a SIGKILLed kgpool cannot remove its runtime folder (connection files): not in /tmp
+    server = Fork(FORKED, "--kernels", "2", env={"TMPDIR": str(tmp_path)})
     with server:
         assert server.proc is not None
         everything = kernel_children(server.proc.pid)
@@ -191,6 +193,8 @@ def test_server_sigkill_leaves_no_template_or_worker() -> None:
         server.proc.wait()
         assert wait_gone(everything, timeout=20) == []
         server.stop()
+    (folder,) = tmp_path.glob("kgpool-*")
+    shutil.rmtree(folder)
 
 
 def write_notebook(path: Path, version: int) -> None:
