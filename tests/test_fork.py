@@ -17,7 +17,7 @@ import nbformat
 import pytest
 from conftest import NOTEBOOKS, Server, alive, kernel_children, parent, wait_for, wait_gone
 
-from kgpool.memory import MIB, MemoryWatch, TemplateInfo, Usage
+from kgpool.memory import MIB, MemoryWatch, TemplateInfo, Usage, usage
 
 # It chooses its channel and mode itself: the other passes of tests/run.sh leave it out.
 pytestmark = [pytest.mark.timeout(180), pytest.mark.channel_independent]
@@ -374,3 +374,9 @@ def test_a_reload_to_a_refused_version_keeps_the_old_one(tmp_path: Path) -> None
         assert "--fork refused" in error and "'stuck'" in error
         assert server.get("/v").text.startswith("1 ")
         wait_for(lambda: len(server.templates()) == 1, what="the refused template gone")
+
+
+def test_usage_reads_private_memory_from_smaps_rollup() -> None:
+    mine = usage(os.getpid())
+    assert mine is not None and 0 < mine.private <= mine.rss and 0 < mine.pss <= mine.rss
+    assert usage(0) is None  # no such process
