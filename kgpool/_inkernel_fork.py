@@ -31,6 +31,9 @@ import traceback
 _MEMFD = "/memfd:kgpool-stdout"  # kgpool's per-execution stdout files (_inkernel_io.py)
 _PR_SET_PDEATHSIG = 1
 _HEADER = struct.Struct(">I")
+# Looked up in the template, before any fork: a child must not need the dynamic loader's lock,
+# which another thread of the template may have held when it forked.
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl
 
 
 def _fds():
@@ -202,8 +205,7 @@ class _Worker:
         try:
             signal.set_wakeup_fd(-1)  # the template's loop's: signals must not wake it
             os.setsid()
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or \
+            if _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or \
                     os.getppid() != template:
                 os._exit(71)  # the template is gone already
             self.signals()
