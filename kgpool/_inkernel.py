@@ -402,6 +402,9 @@ def _kgpool_direct_install(path, cells, room):
             compiled.append(None)
             refused[index] = f"{type(exc).__name__}: {exc}"
     runner = _Runner(shell, room)  # needs _inkernel_io.py's shell.kgpool_io
+    if not path:  # a --fork template: each forked worker serves these (_inkernel_fork.py)
+        shell.kgpool_direct_parts = runner, compiled, _server
+        return refused
     # Bound and listening now; accepting starts when this cell returns to the kernel's loop.
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)

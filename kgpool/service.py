@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import zmq.asyncio
 
@@ -37,8 +37,10 @@ from .errors import (
     ResponseTooLarge,
 )
 from .execution import Channels
+from .forked import Forker, template_setup
 from .kernel import Kernel
 from .languages import Language, transport_for
+from .memory import MemoryWatch, TemplateInfo
 from .metrics import NotebookMetrics
 from .notebook import Cell, Endpoint, Notebook, cell_label
 from .offload import Offload
@@ -236,7 +238,11 @@ class NotebookService:
                  self.current.language.name, self.current.transport)
         self._versions: dict[int, Version] = {1: self.current}
         self._marker = f"kgpool-error-{secrets.token_hex(12)}:"  # see Language.guard
-        self.pool = KernelPool(self._make_kernel, kernels or settings.kernels,
+        self._forker: Forker | None = None  # --fork: made with the runtime folder
+        if settings.fork:
+            _forkable(self.current)
+        self.pool = KernelPool(self._make_worker if settings.fork else self._make_kernel,
+                               kernels or settings.kernels,
                                max_queue=settings.max_queue,
                                max_requests=settings.max_requests,
                                max_requests_jitter=settings.max_requests_jitter,
@@ -249,6 +255,7 @@ class NotebookService:
         self._context: zmq.asyncio.Context | None = None
         self._ipc_dir: str | None = None
         self._warm: asyncio.Task[None] | None = None
+        self._memory: asyncio.Task[None] | None = None
         self._runs: set[asyncio.Task[Any]] = set()
 
     @property
@@ -270,7 +277,22 @@ class NotebookService:
             ) from None
         self.channels.folder = self._ipc_dir
         self._context = zmq.asyncio.Context()
+        if self.settings.fork:
+            self._forker = Forker(self._warm_template, self._cells, ipc_dir=self._ipc_dir,
+                                  current=lambda: self.pool.version, listener=self.metrics,
+                                  offload=self._offload, name=self.metrics.name,
+                                  allow_threads=self.settings.fork_allow_threads,
+                                  timeout=self.settings.init_timeout)
         self._warm = asyncio.create_task(self.pool.start(), name="kgpool-warm-up")
+        watch = MemoryWatch(self.pool, limit=self.settings.kernel_memory_limit,
+                            report=self.metrics.kernel_memory, templates=self._templates,
+                            name=self.metrics.name)
+        self._memory = asyncio.create_task(self._watch_memory(watch), name="kgpool-memory")
+
+    async def _watch_memory(self, watch: MemoryWatch) -> None:
+        assert self._warm is not None
+        await asyncio.wait([self._warm])  # a first sample as soon as the pool is warm
+        await watch.run(first=True)
 
     async def warmed(self) -> None:
         assert self._warm is not None, "begin() first"
@@ -287,6 +309,8 @@ class NotebookService:
         return await self.pool.drain(timeout)
 
     async def close(self) -> None:
+        if self._memory is not None:
+            self._memory.cancel()
         if self._warm is not None and not self._warm.done():
             self._warm.cancel()
         if self._warm is not None:
@@ -294,6 +318,8 @@ class NotebookService:
         for batcher in self._batchers.values():
             await batcher.close()
         await self.pool.close()
+        if self._forker is not None:
+            await self._forker.close()
         await asyncio.gather(*self._runs, return_exceptions=True)
         self.channels.close()
         if self._context is not None:
@@ -305,6 +331,8 @@ class NotebookService:
         """Roll the pool over to a new version of the notebook, one kernel at a time; raises
         (the old version keeps serving) if the first kernel of the new one cannot warm."""
         version = Version.of(max(self._versions) + 1, notebook, self.settings)
+        if self.settings.fork:
+            _forkable(version)
         for warning in version.notebook.warnings:
             log.warning("%s (new version): %s", notebook.name, warning)
         self._versions[version.number] = version
@@ -318,17 +346,23 @@ class NotebookService:
             live = {lease.version for lease in self.pool.members()} | {self.current.number}
             for number in [n for n in self._versions if n not in live]:
                 del self._versions[number]
+            if self._forker is not None:
+                self._forker.prune()  # the template of a version that did not warm
 
     def _switch(self, version: Version) -> None:
         log.info("%s: the new version serves from now on; retiring the old kernels one by one",
                  version.notebook.name)
         self.current = version
 
-    async def _make_kernel(self, number: Any, slot: int, on_death: Any) -> Kernel:
+    async def _make_kernel(self, number: Any, slot: int, on_death: Any, *,
+                           template: bool = False) -> Kernel:
+        """A kernel warmed the full way; a --fork template's set-up also notes what the init
+        cells will open, and it gets no channel of its own (forked.py installs its own)."""
         assert self._context is not None and self._ipc_dir is not None, "begin() first"
         version = self._versions[number]
-        kernel = Kernel(version.kernel_name, context=self._context, label=f"slot {slot}",
-                        on_death=on_death, cwd=self._cwd,
+        kernel = Kernel(version.kernel_name, context=self._context,
+                        label="template" if template else f"slot {slot}", on_death=on_death,
+                        cwd=self._cwd,
                         ipc_dir=self._ipc_dir if version.transport == "ipc" else None,
                         runtime_dir=self._ipc_dir, env=self._env, offload=self._offload,
                         tmp_dir=os.path.join(self._ipc_dir, f"t{uuid.uuid4().hex[:12]}"))
@@ -340,7 +374,9 @@ class NotebookService:
                 language = version.language
                 if language.name == "python":
                     stacks = os.path.join(self._ipc_dir, f"stacks-{uuid.uuid4().hex[:12]}")
-                    setup = await kernel.execute(setup_code(stacks), silent=True)
+                    setup = await kernel.execute(
+                        setup_code(stacks) + (template_setup() if template else ""),
+                        silent=True)
                     if setup.error is not None:
                         log.warning("%s: Python setup failed, stdout is not captured: %s: %s",
                                     kernel.label, setup.error.get("ename"),
@@ -364,7 +400,8 @@ class NotebookService:
                                         f"{error.evalue}")
                 self.metrics.kernel_warmed(booted - started, time.monotonic() - booted)
                 cell = None
-                await self._open_direct(kernel, version)
+                if not template:
+                    await self._open_direct(kernel, version)
         except BaseException as exc:
             await kernel.shutdown()
             where = f" in init {cell.name}" if cell else ""
@@ -377,6 +414,27 @@ class NotebookService:
                 raise InitError(str(exc)) from None
             raise
         return kernel
+
+    async def _warm_template(self, number: int, on_death: Any) -> Kernel:
+        return await self._make_kernel(number, -1, on_death, template=True)
+
+    def _cells(self, number: int) -> list[tuple[str, str | None]]:
+        endpoints = self._versions[number].notebook.endpoints
+        return [(ep.source, ep.response_source) for ep in endpoints]
+
+    def _templates(self) -> list[TemplateInfo]:
+        if self._forker is None:
+            return []
+        return [TemplateInfo(t.version, t.kernel.pid, t.report.state)
+                for t in self._forker.templates() if t.kernel.pid is not None]
+
+    async def _make_worker(self, number: Any, slot: int, on_death: Any) -> Kernel:
+        """--fork: a worker forked from the version's template, its channel registered."""
+        assert self._forker is not None, "begin() first"
+        worker = await self._forker.worker(number, slot, on_death)
+        assert worker.channel is not None
+        self.channels.direct[cast(Kernel, worker)] = worker.channel
+        return cast(Kernel, worker)  # the pool uses only the kernel interface it implements
 
     async def _open_direct(self, kernel: Kernel, version: Version) -> None:
         if self.settings.channel != "direct" or version.language.name != "python":
@@ -593,3 +651,8 @@ class NotebookService:
                 feed.abandon()
                 self._runs.add(producer)
                 producer.add_done_callback(self._run_done)
+def _forkable(version: Version) -> None:
+    if version.language.name != "python":
+        raise ConfigError(f"--fork needs a Python kernel; {version.notebook.name} is served "
+                          f"by {version.kernel_name!r}, a {version.language.name} kernel (serve "
+                          "it without --fork)")

@@ -90,6 +90,16 @@ if [ "$#" -eq 0 ]; then
   # the parity suite that runs both channels itself) are left out, so a new module is in.
   step "pytest (KGPOOL_CHANNEL=jupyter)"
   KGPOOL_CHANNEL=jupyter .venv/bin/python -m pytest -q -m "not channel_independent"
+  # And with --fork (kernels forked from a template), the modules about the kernels' life:
+  # crashes, timeouts, recycling, growth, reloads, in-process services, rich outputs. The whole
+  # suite passes this way too (KGPOOL_FORK=1 pytest -m "not channel_independent and not
+  # no_fork", ~3.5 min more); the other modules test HTTP, the CLI and Kernel Gateway's options,
+  # which do not depend on how kernels are made. tests/test_fork.py and the parity corpus run
+  # --fork themselves in the first pass.
+  step "pytest (KGPOOL_FORK=1: kernels' life)"
+  KGPOOL_FORK=1 .venv/bin/python -m pytest -q -m "not channel_independent and not no_fork" \
+    tests/test_resilience.py tests/test_elastic.py tests/test_notebooks.py \
+    tests/test_service.py tests/test_app.py tests/test_rich.py
 fi
 
 if [ "$#" -eq 0 ]; then

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -154,9 +155,10 @@ def test_graceful_shutdown_finishes_in_flight(sig: int) -> None:
     assert server.stop(sig) == 0
 
 
-def test_kernels_exit_when_the_server_is_killed() -> None:
+def test_kernels_exit_when_the_server_is_killed(tmp_path: Path) -> None:
     """Even SIGKILL of kgpool leaves no kernel: ipykernel watches its parent (JPY_PARENT_PID)."""
-    server = Server(EXAMPLE, "--kernels", "2").start()
+    # a SIGKILLed kgpool cannot remove its runtime folder (connection files): not in /tmp
+    server = Server(EXAMPLE, "--kernels", "2", env={"TMPDIR": str(tmp_path)}).start()
     kernels = server.kernel_pids()
     assert len(kernels) == 2
     assert server.proc is not None
@@ -164,3 +166,5 @@ def test_kernels_exit_when_the_server_is_killed() -> None:
     server.proc.wait(10)
     assert wait_gone(kernels, timeout=15) == []
     server.stop()
+    (folder,) = tmp_path.glob("kgpool-*")
+    shutil.rmtree(folder)

@@ -208,6 +208,7 @@ def test_a_crash_loop_backs_off() -> None:
         assert server.get("/pid").status == 200
 
 
+@pytest.mark.no_fork  # one template warms, whatever the pool's size
 def test_warm_ups_are_bounded(tmp_path: Path) -> None:
     trace = tmp_path / "warmups"
     with Server(NOTEBOOKS / "warmup_log.ipynb", "--kernels", "3", "--warmup-concurrency", "1",

@@ -36,6 +36,7 @@ def flags_table() -> str:
         default = f.default if f.default not in ("", (), None) else ""
         if f.type == "bool":
             default = "on" if f.default else "off"
+        name = name.replace("|", "\\|")
         text = str(meta["help"]).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
         rows.append(f"| {name} | `{_env_name(f.name)}` | {f'`{default}`' if default != '' else ''}"
                     f" | {text} |")

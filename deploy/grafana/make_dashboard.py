@@ -200,7 +200,7 @@ def panels() -> list[Panel]:
                         "desired"),
         timeseries("Kernel restarts by reason",
                    "Kernels replaced per interval: crash, timeout, recycle (planned, "
-                   "--max-requests), init_failed.", "none",
+                   "--max-requests), memory (--max-kernel-memory), init_failed.", "none",
                    [((f"sum by (reason) (increase(kgpool_kernel_restarts_total{{{SEL}}}"
                      f"[$__rate_interval]))"), "{{reason}}")], stack=True, bars=True),
         timeseries("Kernel start time p50 / p99",
@@ -212,6 +212,14 @@ def panels() -> list[Panel]:
                    "Running the notebook's init cells on a fresh kernel, from "
                    "kgpool_init_duration_seconds.", "s",
                    [q for q in quantiles("kgpool_init_duration_seconds") if q[1] != "p90"]),
+        timeseries("Kernel memory",
+                   "Private memory of each kernel slot (what --max-kernel-memory limits; "
+                   "slot=template: the --fork templates) and the kernels' total PSS (what "
+                   "they cost together, shared pages counted once).", "bytes",
+                   [((f'sum by (slot) (kgpool_kernel_memory_bytes{{{SEL}, kind="private"}})'),
+                     "private {{slot}}"),
+                    (f'sum(kgpool_kernel_memory_bytes{{{SEL}, kind="pss"}})', "total pss")],
+                   w=24),
 
         row("Process"),
         timeseries("kgpool CPU", "CPU of the kgpool server process (kernels are separate "
