@@ -45,8 +45,8 @@ def test_a_failing_cell_is_logged_with_its_traceback(server: Server) -> None:
     assert resp.status == 500
     record = logged(server, "deep-1")
     first = record.splitlines()[0]
-    assert "WARNING kgpool.cells: GET /deep (request deep-1): cell 5 ('# GET /deep') raised " \
-           "ZeroDivisionError: division by zero" in first
+    assert ("WARNING kgpool.cells: GET /deep (request deep-1): cell 5 ('# GET /deep') raised "
+            "ZeroDivisionError: division by zero") in first
     # the cell's own frames, as Jupyter shows them, with the notebook's line numbers
     assert "Cell 5 ('# GET /deep'), line 4" in record and "----> 4 print(f(0))" in record
     assert "Cell 5 ('# GET /deep'), line 3, in f(v)" in record
@@ -99,8 +99,8 @@ def test_an_init_cell_that_cannot_compile_is_refused_by_routes_and_serve() -> No
 
 
 def test_init_cell_output_is_logged_at_debug(server: Server) -> None:
-    assert re.search(r"DEBUG kgpool.service: (?:slot 0|template): init cell 2 \('import json, linecache'\)"
-                     r" printed:\n    init says hi", server.output())
+    assert re.search(r"DEBUG kgpool.service: (?:slot 0|template): init cell 2 "
+                     r"\('import json, linecache'\) printed:\n    init says hi", server.output())
 
 
 def test_a_body_that_is_not_what_its_content_type_says_is_noted(server: Server) -> None:
@@ -132,8 +132,8 @@ def test_a_missing_kernel_spec_falls_back_to_the_environments_kernel() -> None:
     with Server(notebook, "--kernels", "1") as server:
         assert server.get("/ok").text == "ok"
         out = server.output()
-        assert "kernel spec 'conda-env-ds-py' is not installed here: serving it with " \
-               f"'python3' (the python kernel that runs {sys.executable}" in out
+        assert ("kernel spec 'conda-env-ds-py' is not installed here: serving it with "
+                f"'python3' (the python kernel that runs {sys.executable}") in out
         assert "--kernel-name" in out
     out = kgpool("routes", str(notebook))
     assert out.returncode == 0 and "kernel python3" in out.stdout
