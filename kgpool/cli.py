@@ -13,13 +13,14 @@ import signal
 import ssl
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from typing import Any
 
-from aiohttp import web
 from prometheus_client import disable_created_metrics
 
 from . import __version__
+from .call import CALL_HELP, CALL_SETTINGS, parse_call
+from .call import main as call_main
 from .config import HIDDEN_ENV, LOG_LEVELS, Settings
 from .connections import ensure_descriptors
 from .errors import ConfigError, KgpoolError, NotebookError
@@ -33,11 +34,10 @@ from .secrets import (
     reexec_without_secrets,
     take_handover,
 )
-from .web import CONNECTIONS, MOUNTS, create_app
+from .web import CONNECTIONS, MOUNTS, create_app, create_runner
 
 log = logging.getLogger("kgpool")
 ENV_PREFIX = "KGPOOL_"
-LINGER = 2.0
 
 
 def _env_name(name: str) -> str:
@@ -56,10 +56,11 @@ def _serve_parser(sub: Any) -> None:
     _add_setting_flags(serve, positional=True)
 
 
-def _add_setting_flags(parser: argparse.ArgumentParser, positional: bool) -> None:
+def _add_setting_flags(parser: argparse.ArgumentParser, positional: bool,
+                       only: Container[str] | None = None) -> None:
     for f in dataclasses.fields(Settings):
         meta = f.metadata
-        if meta.get("cli") is False:
+        if meta.get("cli") is False or (only is not None and f.name not in only):
             continue
         if meta.get("positional"):
             if positional:
@@ -90,7 +91,56 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_parser(sub)
     routes = sub.add_parser("routes", help="list the endpoints a notebook defines and exit")
     routes.add_argument("notebook", metavar="NOTEBOOK", help="the notebook (.ipynb)")
+    _call_parser(sub)
     return parser
+
+
+def _call_parser(sub: Any) -> None:
+    call = sub.add_parser(
+        "call", help="run one request through a temporary pool and print the answer",
+        description=CALL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    call.add_argument("notebook", metavar="NOTEBOOK",
+                      help="the notebook (.ipynb), a folder of them, or FILE=/prefix")
+    call.add_argument("request", metavar="REQUEST",
+                      help='"METHOD /path?query", e.g. "GET /convert?angle=180" (a bare path '
+                           'is a GET, or a POST with --data)')
+    call.add_argument("-d", "--data", metavar="BODY",
+                      help="the request body; @FILE reads a file, @- stdin. Its Content-Type "
+                           "is application/json when it is JSON, else text/plain, unless a "
+                           "--header sets one")
+    call.add_argument("-H", "--header", action="append", default=[], metavar="'NAME: VALUE'",
+                      help="a request header (repeatable)")
+    call.add_argument("--body-only", action="store_true",
+                      help="print the body alone, e.g. to save an image: --body-only > x.png")
+    _add_setting_flags(call, positional=False, only=CALL_SETTINGS)
+
+
+def call_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+    """serve's settings, from the flags and KGPOOL_* variables that matter for one request;
+    the others (pool size, address, token, connection limits) keep their defaults. The log
+    shows warnings and errors unless a log level is given."""
+    unused = {_env_name(f.name) for f in dataclasses.fields(Settings)
+              if f.name not in CALL_SETTINGS and f.name != "notebooks"}
+    args.notebooks = [args.notebook]
+    settings = settings_from(args, {k: v for k, v in environ.items() if k not in unused})
+    level = settings.log_level if args.log_level or environ.get(_env_name("log_level")) \
+        else "warning"
+    return settings.replace(kernels=1, reload=False, log_level=level,
+                            kernel_env={k: v for k, v in environ.items() if k not in HIDDEN_ENV})
+
+
+def run_call(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    try:
+        settings = call_settings(args, environ)
+        request = parse_call(args.request, args.data, args.header)
+    except (NotebookError, ConfigError) as exc:
+        print(f"kgpool call: error: {exc}", file=sys.stderr)
+        return 2
+    for name in HIDDEN_ENV:  # kernels must not inherit a token
+        os.environ.pop(name, None)
+    disable_created_metrics()
+    configure_logging(settings.log_format, settings.log_level)
+    return call_main(settings, request, args.body_only)
 
 
 def _log_level(text: str) -> str:
@@ -194,12 +244,7 @@ async def serve(settings: Settings) -> int:
     for mount in mounts.all:
         for warning in mount.service.notebook.warnings:
             log.warning("%s: %s", mount.name, warning)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                           handler_cancellation=True, shutdown_timeout=2.0,
-                           keepalive_timeout=settings.keepalive_timeout,
-                           # after an early answer (408, 413), unread body bytes are drained
-                           # this long so the client sees the answer, not a reset
-                           lingering_time=LINGER)
+    runner = create_runner(app, settings)
     try:
         await runner.setup()  # starts the pools' warm-up
     except KgpoolError as exc:
@@ -323,6 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.command == "routes":
                     print_routes(load_notebook(args.notebook))
                     return 0
+                if args.command == "call":
+                    return run_call(args, environ)
                 settings, translation = settings_from(args, environ), Translation()
             for name in HIDDEN_ENV:  # kernels must not inherit a token
                 os.environ.pop(name, None)

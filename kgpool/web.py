@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 MOUNTS = web.AppKey("mounts", Mounts)
 CONNECTIONS = web.AppKey("connections", Connections)
 RETRY_AFTER = "1"
+# after an early answer (408, 413), unread body bytes are drained this long so that the client
+# sees the answer, not a reset
+LINGER = 2.0
 SOURCE_PATH = "/_api/source"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -326,3 +329,11 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
 
     app.cleanup_ctx.append(pools)
     return app
+
+
+def create_runner(app: web.Application, settings: Settings) -> web.AppRunner:
+    """The runner every kgpool server uses (`serve`, `call`, kgpool.testing): kgpool installs
+    its own signal handlers and access log, and listens through `Connections`."""
+    return web.AppRunner(app, handle_signals=False, access_log=None,
+                         handler_cancellation=True, shutdown_timeout=2.0,
+                         keepalive_timeout=settings.keepalive_timeout, lingering_time=LINGER)
