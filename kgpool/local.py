@@ -73,6 +73,11 @@ class LocalServer:
                         tb: TracebackType | None) -> None:
         await finish(self.close())
 
+    @property
+    def closing(self) -> bool:
+        """close() has begun (or the server never started)."""
+        return self._app is None
+
     async def close(self) -> None:
         """Stop every pool, then the listener and the runner; safe to call twice."""
         app, runner, self._app, self._runner = self._app, self._runner, None, None
