@@ -13,6 +13,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from .config import Settings
+from .errors import ConfigError
 from .mounts import Mounts
 from .web import CONNECTIONS, MOUNTS, create_app, create_runner
 
@@ -54,6 +55,8 @@ class LocalServer:
         return self._app[MOUNTS]
 
     async def __aenter__(self) -> LocalServer:
+        if self.settings.certfile:
+            raise ConfigError("a local server speaks plain HTTP on 127.0.0.1: no --certfile")
         self._app = create_app(self.settings, self.registry)  # refuses bad notebooks at once
         self._runner = create_runner(self._app, self.settings)
         try:

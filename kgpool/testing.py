@@ -139,5 +139,7 @@ async def serve(notebook: str | os.PathLike[str] | Sequence[str | os.PathLike[st
     settings = Settings(notebooks=tuple(str(Path(p)) for p in paths), kernels=kernels,
                         kernel_env=environ, **options)
     async with LocalServer(settings) as server:
-        async with aiohttp.ClientSession(headers=headers, auto_decompress=True) as session:
+        # cookies kept, as a browser keeps them (aiohttp's default jar ignores 127.0.0.1)
+        async with aiohttp.ClientSession(headers=headers,
+                                         cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:
             yield Client(server, session)

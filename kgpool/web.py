@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from .config import Settings
 from .connections import Connections
+from .cookies import BrowserCookie
 from .errors import (
     BatchError,
     ConfigError,
@@ -109,6 +110,8 @@ class NotebookHandler:
         self.mounts = mounts
         self.max_body = settings.max_body_size
         self.hide_token = bool(settings.auth_token)  # the token is kgpool's, not the notebook's
+        self.cookie = BrowserCookie.for_token(settings.auth_token, settings.prefix) \
+            if settings.auth_token else None
         self.expose_traceback = settings.expose_traceback
 
     async def handle(self, request: web.Request, raw_path: str) -> web.StreamResponse:
@@ -139,8 +142,7 @@ class NotebookHandler:
             content_type=request.headers.get("Content-Type", ""),
             query=tuple((k, v) for k, v in query if not (self.hide_token and k == "token")),
             params=params,
-            headers=tuple((k, v) for k, v in request.headers.items()
-                          if not (self.hide_token and k.lower() == "authorization")))
+            headers=self.visible_headers(request))
         if endpoint.stream is not None:
             parts = mount.service.stream(endpoint, data, request[CALL])
             return await Writer(request, endpoint.stream).send(
@@ -154,6 +156,21 @@ class NotebookHandler:
             return await _with_etag(request, reply.headers, reply.body)
         return web.Response(status=reply.status, headers=reply.headers, body=reply.body)
 
+    def visible_headers(self, request: web.Request) -> tuple[tuple[str, str], ...]:
+        """The request's headers as the notebook sees them: with a token configured, without
+        Authorization and without kgpool's cookie (a Cookie header left empty is dropped)."""
+        if self.cookie is None:
+            return tuple(request.headers.items())
+        shown = []
+        for name, value in request.headers.items():
+            if name.lower() == "authorization":
+                continue
+            if name.lower() == "cookie":
+                value = self.cookie.removed_from(value)
+                if not value:
+                    continue
+            shown.append((name, value))
+        return tuple(shown)
 
     def error(self, mount: Mount, exc: BaseException) -> tuple[web.Response, dict[str, Any]]:
         """The answer for a failed request, and its JSON body."""
