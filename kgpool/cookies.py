@@ -28,13 +28,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
-from urllib.parse import unquote_plus
+from urllib.parse import quote, unquote_plus
 
 from multidict import CIMultiDictProxy
 
 PAGE_HEADER = "X-Kgpool-Page"
 _SESSION = b"kgpool browser session v1"
 _NAME = b"kgpool cookie name v1"
+_LOCATION_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "\\")
 
 
 @dataclass(frozen=True)
@@ -106,4 +107,5 @@ def without_token(raw_path: str, raw_query: str) -> str:
     kept = [part for part in raw_query.split("&")
             if part and unquote_plus(part.partition("=")[0]) != "token"]
     last = raw_path.rsplit("/", 1)[-1]
-    return "./" + last + ("?" + "&".join(kept) if kept else "")
+    # a header value: printable ASCII only; and no backslash, which browsers read as "/"
+    return quote("./" + last + ("?" + "&".join(kept) if kept else ""), safe=_LOCATION_SAFE)

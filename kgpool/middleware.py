@@ -193,8 +193,8 @@ def auth(settings: Settings, locate: Locator, mounts: Mounts) -> Any:
         index = where.rel == "/" and where.op is None and mounts.route_of("/") is None
         how = presented(request, index)
         request[AUTHORIZED] = how is not None
-        if how == "query" and request.method == "GET" and (index or navigation(
-                request.headers)):
+        if how == "query" and request.method == "GET" and where.rel is not None and (
+                index or navigation(request.headers)):
             return swap_for_cookie(request, cookie, settings.trust_xheaders)
         if where.op in open_ops or (where.static and settings.static_path):
             return await handler(request)

@@ -40,6 +40,8 @@ COOKIE = BrowserCookie.for_token(TOKEN, "")
     ("/users/42", "token=t&x=1&token=u", "./42?x=1"),
     ("/", "tok%65n=abc&tokens=1&token", "./?tokens=1"),  # an escaped name is the same name
     ("/a:b", "token=x", "./a:b"),  # never read as a scheme
+    ("/x/\\evil.example", "token=x", "./%5Cevil.example"),  # nor as another host
+    ("/caf\u00e9", "token=x&q=\u00e9 x", "./caf%C3%A9?q=%C3%A9%20x"),  # a header value
 ])
 def test_redirect_drops_every_token_parameter(path: str, query: str, location: str) -> None:
     assert without_token(path, query) == location
@@ -188,6 +190,11 @@ async def test_cookie_path_is_the_base_url() -> None:
     async with kgpool.testing.serve(KITCHEN, channel=CHANNEL, auth_token=TOKEN,
                                     base_url="/v1") as client:
         status, headers, _ = await fetch(client, "GET", "/?token=" + TOKEN)
+        async with aiohttp.ClientSession() as session:  # outside --base-url: not kgpool's
+            async with session.get(client.server.origin + "/?token=" + TOKEN,
+                                   allow_redirects=False,
+                                   headers={"Sec-Fetch-Mode": "navigate"}) as outside:
+                assert outside.status == 404 and "Set-Cookie" not in outside.headers
     assert status == 303
     assert headers["Set-Cookie"] == BrowserCookie.for_token(TOKEN, "/v1").header(False)
     assert "; Path=/v1;" in headers["Set-Cookie"]
