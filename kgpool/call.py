@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import re
+import signal
 import sys
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -44,7 +45,8 @@ listens on a free 127.0.0.1 port for this one request.
 
 exit status: 0 for a 1xx-3xx answer, 4 for 4xx, 5 for 5xx, 1 when the kernel could not be
 warmed (an init cell failed, the kernel died), 2 for a notebook or an option kgpool cannot
-serve, 130 when interrupted.
+serve, 130 when interrupted (128 + the signal's number for SIGTERM and SIGHUP); the
+kernel is shut down in every case.
 
 examples:
   kgpool call convert.ipynb "GET /convert?angle=180"
@@ -190,8 +192,26 @@ def _say(message: str) -> None:
 
 
 def main(settings: Settings, call: Call, body_only: bool = False) -> int:
+    """Ctrl-C, SIGTERM and SIGHUP stop the call; the kernel is shut down first."""
+    stopped_by: list[signal.Signals] = []
+
+    async def stoppable() -> int:
+        task, loop = asyncio.current_task(), asyncio.get_running_loop()
+        assert task is not None
+
+        def stop(signum: signal.Signals) -> None:
+            stopped_by.append(signum)
+            task.cancel()
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(signum, stop, signum)
+        return await run(settings, call, sys.stdout.buffer, body_only)
     try:
-        return asyncio.run(run(settings, call, sys.stdout.buffer, body_only))
+        return asyncio.run(stoppable())
     except KeyboardInterrupt:  # asyncio.run cancelled the call; the kernel is shut down
         _say("interrupted")
         return INTERRUPTED
+    except asyncio.CancelledError:
+        if not stopped_by:
+            raise
+        _say(f"stopped by {stopped_by[0].name}")
+        return 128 + stopped_by[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLE, NOTEBOOKS, kernel_children, wait_gone
+from conftest import EXAMPLE, NOTEBOOKS, alive, kernel_children, wait_for, wait_gone
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -50,26 +51,37 @@ def private() -> Iterator[Path]:
         yield Path(folder)
 
 
-def call(private: Path, *args: str, stdin: bytes = b"", env: dict[str, str] | None = None
-         ) -> Outcome:
+def start(private: Path, *args: str, env: dict[str, str] | None = None
+          ) -> subprocess.Popen[bytes]:
     tmp, runtime = private / "tmp", private / "runtime"
     tmp.mkdir(exist_ok=True)
     runtime.mkdir(exist_ok=True)
     environ = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
     environ.update(TMPDIR=str(tmp), JUPYTER_RUNTIME_DIR=str(runtime), **(env or {}))
-    proc = subprocess.Popen([sys.executable, "-m", "kgpool", "call", *args], env=environ,
+    return subprocess.Popen([sys.executable, "-m", "kgpool", "call", *args], env=environ,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
+
+
+def finish(private: Path, proc: subprocess.Popen[bytes], stdin: bytes = b"",
+           seen: list[int] | None = None) -> Outcome:
     try:
         out, err = proc.communicate(stdin, timeout=90)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
         raise
-    left = wait_gone(kernel_children(proc.pid))
+    # the call waits for its kernel to end before it exits: none may be alive now
+    left = [pid for pid in {*(seen or ()), *kernel_children(proc.pid)} if alive(pid)]
+    wait_gone(left)  # (then cleaned up by the autouse check, if one is)
     files = sorted(str(p.relative_to(private)) for p in private.rglob("*")
-                   if p not in (tmp, runtime))
+                   if p.parent != private)
     return Outcome(proc.returncode, out, err.decode(errors="replace"), files, left)
+
+
+def call(private: Path, *args: str, stdin: bytes = b"", env: dict[str, str] | None = None
+         ) -> Outcome:
+    return finish(private, start(private, *args, env=env), stdin)
 
 
 def test_get_prints_status_headers_and_body(private: Path) -> None:
@@ -176,6 +188,27 @@ def test_serve_options_apply_and_others_are_not_read(private: Path) -> None:
     assert out.code == 5, out.stderr
     assert out.head[0] == "HTTP/1.1 504 Gateway Timeout"
     assert out.left_files == [] and out.left_kernels == []
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_the_call_and_its_kernel(private: Path, signum: int, code: int) -> None:
+    meet = private / "meet"
+    meet.mkdir()
+    proc = start(private, str(KITCHEN), f"GET /meet?n=2&dir={meet}")
+    try:  # the cell leaves a file there, then waits (10 s) for a second request
+        wait_for(lambda: any(meet.iterdir()), 60, "the request to be running in the kernel")
+    except AssertionError:
+        proc.kill()
+        raise
+    seen = kernel_children(proc.pid)
+    assert len(seen) == 1
+    proc.send_signal(signum)
+    out = finish(private, proc, seen=seen)
+    assert out.code == code, out.stderr
+    assert out.stdout == b""
+    assert "kgpool call: " in out.stderr
+    assert out.left_kernels == []
+    assert [name for name in out.left_files if not name.startswith("meet/")] == []
 
 
 def test_help_lists_the_call_and_serve_options() -> None:
