@@ -126,6 +126,7 @@ def test_body_content_type_follows_the_body(private: Path, given: str, body: obj
         ("application/json" if given == "json" else "text/plain; charset=utf-8")
 
 
+@pytest.mark.channel_independent
 def test_body_from_stdin_and_from_a_file(private: Path) -> None:
     out = call(private, str(KITCHEN), "PUT /echo", "-d", "@-", stdin=b'{"from": "stdin"}')
     assert out.code == 0, out.stderr
@@ -167,6 +168,7 @@ def test_a_notebook_that_cannot_be_served(private: Path, notebook: str, code: in
     assert out.left_files == [] and out.left_kernels == []
 
 
+@pytest.mark.channel_independent
 @pytest.mark.parametrize("args,message", [
     (["FETCH /x"], "'FETCH' is not an HTTP method"),
     (["x"], 'should look like "GET /path'),
@@ -190,6 +192,7 @@ def test_serve_options_apply_and_others_are_not_read(private: Path) -> None:
     assert out.left_files == [] and out.left_kernels == []
 
 
+@pytest.mark.channel_independent
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_stops_the_call_and_its_kernel(private: Path, signum: int, code: int) -> None:
     meet = private / "meet"
@@ -211,6 +214,7 @@ def test_a_signal_stops_the_call_and_its_kernel(private: Path, signum: int, code
     assert [name for name in out.left_files if not name.startswith("meet/")] == []
 
 
+@pytest.mark.channel_independent
 def test_help_lists_the_call_and_serve_options() -> None:
     helptext = subprocess.run([sys.executable, "-m", "kgpool", "call", "--help"],
                               capture_output=True, text=True, timeout=30).stdout

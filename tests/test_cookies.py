@@ -21,7 +21,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 import kgpool.testing
 from kgpool.cookies import PAGE_HEADER, BrowserCookie, trusted_use, without_token
 
-pytestmark = pytest.mark.timeout(120)
+# kgpool's web layer alone: the channel to the kernel plays no part
+pytestmark = [pytest.mark.timeout(120), pytest.mark.channel_independent]
 
 TOKEN = "cookie-test-t0ken-0123456789"
 KITCHEN = NOTEBOOKS / "kitchen.ipynb"
@@ -31,7 +32,6 @@ COOKIE = BrowserCookie.for_token(TOKEN, "")
 
 # ----- pure parts ------------------------------------------------------------------------
 
-@pytest.mark.channel_independent
 @pytest.mark.parametrize("path,query,location", [
     ("/", "token=abc", "./"),
     ("/", "a=1&token=abc&b=%20x", "./?a=1&b=%20x"),
@@ -47,7 +47,6 @@ def test_redirect_drops_every_token_parameter(path: str, query: str, location: s
     assert without_token(path, query) == location
 
 
-@pytest.mark.channel_independent
 def test_the_cookie_is_derived_from_the_token_and_never_holds_it() -> None:
     cookie = BrowserCookie.for_token(TOKEN, "/v1")
     assert TOKEN not in cookie.name + cookie.value
@@ -66,7 +65,6 @@ def test_the_cookie_is_derived_from_the_token_and_never_holds_it() -> None:
     assert cookie.removed_from("a=1;b=2") == "a=1;b=2"  # untouched without kgpool's cookie
 
 
-@pytest.mark.channel_independent
 @pytest.mark.parametrize("method,headers,index,trusted", [
     ("GET", {}, True, True),  # the index page: no side effect, unreadable cross-origin
     ("HEAD", {}, True, True),

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -198,3 +199,46 @@ def test_the_readme_example_runs_as_written() -> None:
         failed = pytest_run()
         assert failed.returncode == 1, failed.stdout + failed.stderr
         assert f"{math.pi}" in failed.stdout or "convertedAngle" in failed.stdout
+
+
+HANGING_TEST = """
+import pathlib
+import pytest
+import kgpool.testing
+
+
+@pytest.mark.timeout(3)
+async def test_hangs():
+    async with kgpool.testing.serve(pathlib.Path(__file__).parent / "kitchen.ipynb",
+                                    channel=%r) as client:
+        await client.get("/sleep", params={"s": "60"})
+"""
+
+
+@pytest.mark.channel_independent
+def test_a_pytest_timeout_still_shuts_the_kernels_down() -> None:
+    """pytest-timeout (its default, signal method) stops a hanging test: the kernel it had
+    is gone by the time pytest exits, none is left orphaned."""
+    ini, _ = readme_example()
+    with tempfile.TemporaryDirectory(prefix="kgpool-test-timeout-") as folder:
+        here = Path(folder)
+        (here / "pytest.ini").write_text(ini)
+        (here / "test_hang.py").write_text(HANGING_TEST % CHANNEL)
+        (here / "kitchen.ipynb").write_bytes(KITCHEN.read_bytes())
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+        proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                 "test_hang.py"], cwd=here, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        seen: set[int] = set()
+        try:
+            deadline = time.monotonic() + 90
+            while proc.poll() is None and time.monotonic() < deadline:
+                seen |= set(kernel_children(proc.pid))
+                time.sleep(0.02)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            output = proc.communicate()[0].decode(errors="replace")
+    assert "Timeout" in output and "1 failed" in output, output
+    assert len(seen) == 1, output
+    assert still_running(sorted(seen)) == [] and kernel_children(proc.pid) == []
