@@ -244,5 +244,7 @@ def test_a_pytest_timeout_still_shuts_the_kernels_down() -> None:
         entered = (here / "entered").exists()
     assert "Timeout" in output and "1 failed" in output, output
     assert entered, output  # the timeout struck with a request in the kernel
-    assert len(seen) == 1, output
+    # (pytest-asyncio then cancels every task at once: the pool may start a replacement for
+    # the cancelled request's kernel before the block closes it; it must be gone too)
+    assert seen, output
     assert still_running(sorted(seen)) == [] and kernel_children(proc.pid) == []
