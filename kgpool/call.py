@@ -3,14 +3,16 @@ printed as `curl -i` prints it."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import logging
 import re
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Any, BinaryIO
 from urllib.parse import quote
 
 import aiohttp
@@ -86,6 +88,31 @@ class Answer:
     @property
     def exit_status(self) -> int:
         return OK if self.status < 400 else CLIENT_ERROR if self.status < 500 else SERVER_ERROR
+
+
+def add_call_parser(sub: Any, add_setting_flags: Callable[[argparse.ArgumentParser], None]
+                    ) -> None:
+    """`kgpool call`'s own arguments; `add_setting_flags` adds serve's (CALL_SETTINGS)."""
+    call = sub.add_parser(
+        "call", help="run one request through a temporary pool and print the answer",
+        description=CALL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    call.add_argument("notebook", metavar="NOTEBOOK",
+                      help="the notebook (.ipynb), a folder of them, or FILE=/prefix")
+    call.add_argument("request", metavar="REQUEST",
+                      help='"METHOD /path?query", e.g. "GET /convert?angle=180" (a bare path '
+                           'is a GET, or a POST with --data)')
+    call.add_argument("-d", "--data", metavar="BODY",
+                      help="the request body; @FILE reads a file, @- stdin. Its Content-Type "
+                           "is application/json when it is JSON, else text/plain, unless a "
+                           "--header sets one")
+    call.add_argument("-H", "--header", action="append", default=[], metavar="'NAME: VALUE'",
+                      help="a request header (repeatable)")
+    call.add_argument("--body-only", action="store_true",
+                      help="print the body alone, e.g. to save an image: --body-only > x.png")
+    add_setting_flags(call)
+    for action in call._actions:  # serve's help says info; a call shows warnings and errors
+        if action.dest == "log_level":
+            action.help = "log level (default: warning) [env KGPOOL_LOG_LEVEL]"
 
 
 def parse_call(request: str, data: str | None = None, headers: list[str] | None = None,

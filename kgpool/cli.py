@@ -19,7 +19,7 @@ from typing import Any
 from prometheus_client import disable_created_metrics
 
 from . import __version__
-from .call import CALL_HELP, CALL_SETTINGS, parse_call
+from .call import CALL_SETTINGS, add_call_parser, parse_call
 from .call import main as call_main
 from .config import HIDDEN_ENV, LOG_LEVELS, Settings
 from .connections import ensure_descriptors
@@ -91,28 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_parser(sub)
     routes = sub.add_parser("routes", help="list the endpoints a notebook defines and exit")
     routes.add_argument("notebook", metavar="NOTEBOOK", help="the notebook (.ipynb)")
-    _call_parser(sub)
+    add_call_parser(sub, lambda call: _add_setting_flags(call, False, CALL_SETTINGS))
     return parser
-
-
-def _call_parser(sub: Any) -> None:
-    call = sub.add_parser(
-        "call", help="run one request through a temporary pool and print the answer",
-        description=CALL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    call.add_argument("notebook", metavar="NOTEBOOK",
-                      help="the notebook (.ipynb), a folder of them, or FILE=/prefix")
-    call.add_argument("request", metavar="REQUEST",
-                      help='"METHOD /path?query", e.g. "GET /convert?angle=180" (a bare path '
-                           'is a GET, or a POST with --data)')
-    call.add_argument("-d", "--data", metavar="BODY",
-                      help="the request body; @FILE reads a file, @- stdin. Its Content-Type "
-                           "is application/json when it is JSON, else text/plain, unless a "
-                           "--header sets one")
-    call.add_argument("-H", "--header", action="append", default=[], metavar="'NAME: VALUE'",
-                      help="a request header (repeatable)")
-    call.add_argument("--body-only", action="store_true",
-                      help="print the body alone, e.g. to save an image: --body-only > x.png")
-    _add_setting_flags(call, positional=False, only=CALL_SETTINGS)
 
 
 def call_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
