@@ -21,11 +21,13 @@ from prometheus_client import disable_created_metrics
 from . import __version__
 from .call import CALL_SETTINGS, add_call_parser, parse_call
 from .call import main as call_main
+from .checks import Plan, plan
 from .config import HIDDEN_ENV, LOG_LEVELS, Settings
 from .connections import ensure_descriptors
 from .errors import ConfigError, KgpoolError, NotebookError
 from .kgcompat import Translation, fetch_seed, is_kernel_gateway_argv, translate
-from .notebook import Notebook, load_notebook
+from .mounts import MountSpec, clashes, mount_specs
+from .notebook import load_notebook
 from .routes import Router
 from .secrets import (
     carries_token,
@@ -89,8 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kgpool {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _serve_parser(sub)
-    routes = sub.add_parser("routes", help="list the endpoints a notebook defines and exit")
-    routes.add_argument("notebook", metavar="NOTEBOOK", help="the notebook (.ipynb)")
+    routes = sub.add_parser(
+        "routes", help="check notebooks as serve would, list their endpoints and warnings",
+        description="Run every check `kgpool serve` runs before it starts a kernel (notebook "
+                    "grammar, kernel spec, language, cell syntax, route clashes, --strict) and "
+                    "list what it would serve, in matching order, with every warning. Exits "
+                    "2 exactly when serve would refuse to start. Takes serve's arguments.")
+    _add_setting_flags(routes, positional=True)
     add_call_parser(sub, lambda call: _add_setting_flags(call, False, CALL_SETTINGS))
     return parser
 
@@ -203,13 +210,29 @@ def configure_logging(fmt: str, level: str) -> None:
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def print_routes(notebook: Notebook) -> None:
-    print(f"{notebook.name}: language {notebook.language}, kernel {notebook.kernel_name}, "
-          f"{len(notebook.init_cells)} init cell(s)")
+def check_routes(settings: Settings) -> list[tuple[MountSpec, Plan]]:
+    """What serve would serve, checked as serve checks it (NotebookError / ConfigError)."""
+    checked: list[tuple[MountSpec, Plan]] = []
+    for spec in mount_specs(settings):
+        notebook = load_notebook(spec.path, strict=settings.strict,
+                                 prefixes=settings.comment_prefixes)
+        planned = plan(notebook, settings)
+        taken = clashes(spec.name, spec.prefix, planned.notebook,
+                        [(s.name, s.prefix, p.notebook) for s, p in checked], settings.strict)
+        notebook = dataclasses.replace(planned.notebook,
+                                       warnings=planned.notebook.warnings + tuple(taken))
+        checked.append((spec, dataclasses.replace(planned, notebook=notebook)))
+    return checked
+
+
+def print_routes(spec: MountSpec, planned: Plan) -> None:
+    notebook = planned.notebook
+    print(f"{notebook.name} at {spec.prefix or '/'}: language {planned.language.name}, "
+          f"kernel {planned.kernel_name}, {len(notebook.init_cells)} init cell(s)")
     for route in Router(notebook.endpoints).routes:
         for method, ep in route.endpoints.items():
             info = f", ResponseInfo cells {list(ep.response_cells)}" if ep.response_cells else ""
-            print(f"{method:7} {ep.path:30} cells {list(ep.cells)}{info}")
+            print(f"{method:7} {spec.prefix + ep.path:30} cells {list(ep.cells)}{info}")
     for warning in notebook.warnings:
         print(f"warning: {warning}")
 
@@ -345,12 +368,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         tempfile.TemporaryDirectory(prefix="kgpool-seed-")))
             else:
                 args = build_parser().parse_args(argv)
-                if args.command == "routes":
-                    print_routes(load_notebook(args.notebook))
-                    return 0
                 if args.command == "call":
                     return run_call(args, environ)
                 settings, translation = settings_from(args, environ), Translation()
+                if args.command == "routes":
+                    for spec, planned in check_routes(settings):
+                        print_routes(spec, planned)
+                    return 0
             for name in HIDDEN_ENV:  # kernels must not inherit a token
                 os.environ.pop(name, None)
             disable_created_metrics()  # *_created series double the count; nobody graphs them

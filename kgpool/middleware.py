@@ -109,7 +109,7 @@ def access(metrics: Metrics, locate: Locator, trust_xheaders: bool) -> Any:
         request_id = request.headers.get("X-Request-ID", "")
         if not (0 < len(request_id) <= 128 and request_id.isascii() and request_id.isprintable()):
             request_id = uuid.uuid4().hex  # none given, or nothing fit for logs and headers
-        request[CALL] = info = CallInfo()
+        request[CALL] = info = CallInfo(request_id=request_id)
         op = locate(request).op
         if op is None:
             metrics.in_flight.inc()

@@ -45,6 +45,7 @@ from .middleware import (
 )
 from .mounts import Mount, Mounts, mount_specs
 from .notebook import Notebook
+from .replies import ANSI, traceback_text
 from .requests import RequestData
 from .specs import openapi, swagger
 from .streams import Writer
@@ -58,7 +59,7 @@ RETRY_AFTER = "1"
 # sees the answer, not a reset
 LINGER = 2.0
 SOURCE_PATH = "/_api/source"
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
 
 
 # Exception type -> (status, error code, extra headers); the first matching type wins.
@@ -146,11 +147,11 @@ class NotebookHandler:
         if endpoint.stream is not None:
             parts = mount.service.stream(endpoint, data, request[CALL])
             return await Writer(request, endpoint.stream).send(
-                parts, lambda exc: self.error(mount, exc))
+                parts, lambda exc: self.error(mount, exc, request))
         try:
             reply = await mount.service.call(endpoint, data, request[CALL])
         except Exception as exc:
-            return self.error(mount, exc)[0]
+            return self.error(mount, exc, request)[0]
         if request.method == "GET" and reply.status == 200 and \
                 not any(name.lower() == "etag" for name in reply.headers):
             return await _with_etag(request, reply.headers, reply.body)
@@ -172,16 +173,33 @@ class NotebookHandler:
             shown.append((name, value))
         return tuple(shown)
 
-    def error(self, mount: Mount, exc: BaseException) -> tuple[web.Response, dict[str, Any]]:
-        """The answer for a failed request, and its JSON body."""
+    def error(self, mount: Mount, exc: BaseException,
+              request: web.Request) -> tuple[web.Response, dict[str, Any]]:
+        """The answer for a failed request, and its JSON body; a cell's failure is logged with
+        its traceback."""
+        if isinstance(exc, ExecutionError):
+            log_cell_error(request, exc)
         status, error, message, headers = describe(exc, details=self.hide_token)
         if error in REJECTIONS:
             mount.service.metrics.rejected_request(error)
         body: dict[str, Any] = {"error": error, "message": message}
         if self.expose_traceback and isinstance(exc, ExecutionError):
-            body["traceback"] = [_ANSI.sub("", line) for line in exc.traceback]
+            body["traceback"] = [ANSI.sub("", line) for line in exc.traceback]
         return error_response(status, error, message, headers,
                               **{k: v for k, v in body.items() if k == "traceback"}), body
+
+
+cell_log = logging.getLogger("kgpool.cells")
+
+
+def log_cell_error(request: web.Request, exc: ExecutionError) -> None:
+    """A warning naming the request, its id and the cell, with the cell's traceback as a
+    notebook would show it (kgpool's own frames hidden, without colours)."""
+    request_id = request[CALL].request_id
+    cell_log.warning(
+        "%s %s (request %s): %s raised %s: %s%s", request.method, request.path, request_id,
+        exc.cell or "the cell", exc.ename, exc.evalue, traceback_text(exc),
+        extra={"request_id": request_id, "cell": exc.cell, "ename": exc.ename})
 
 
 async def _with_etag(request: web.Request, headers: dict[str, str],

@@ -270,3 +270,18 @@ write("streaming", [
     "# ResponseInfo GET /styled\nprint(json.dumps({'status': 201, 'headers': {'X-Stream': 'yes'}}))",
     "# GET /quiet\n# kgpool: stream\nx = 1",
 ])
+
+# A data scientist's first hour (issue 17): the mistakes a new notebook makes, and what the log,
+# the answer and `kgpool routes` say about each.
+FIRST_HOUR = [
+    "MD:# First hour",
+    "import json, linecache\nprint('init says hi')",
+    "# POST /predict\nreq = json.loads(REQUEST)\nx = req['body']['x']\nprint(json.dumps({'y': x * 2}))",
+    "# GET /syntax\nprint('a'\nx = 1",
+    "# GET /deep\ndef f(v):\n    return 1 / v\nprint(f(0))",
+    "# GET /cache\nprint(json.dumps([len(linecache.cache), len(get_ipython().compile._filename_map)]))",
+]
+write("first_hour", FIRST_HOUR)
+write("other_kernelspec", ["import json", "# GET /ok\nprint('ok', end='')"],
+      kernel="conda-env-ds-py")
+write("init_syntax", ["import json\nx = (1,", "# GET /ok\nprint('ok', end='')"])
