@@ -19,7 +19,7 @@ from typing import Any
 from prometheus_client import disable_created_metrics
 
 from . import __version__
-from .call import CALL_SETTINGS, add_call_parser, parse_call
+from .call import CALL_SETTINGS, Call, add_call_parser, parse_call
 from .call import main as call_main
 from .checks import Plan, plan
 from .config import HIDDEN_ENV, LOG_LEVELS, Settings
@@ -114,20 +114,6 @@ def call_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
         else "warning"
     return settings.replace(kernels=1, reload=False, log_level=level,
                             kernel_env={k: v for k, v in environ.items() if k not in HIDDEN_ENV})
-
-
-def run_call(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    try:
-        settings = call_settings(args, environ)
-        request = parse_call(args.request, args.data, args.header)
-    except (NotebookError, ConfigError) as exc:
-        print(f"kgpool call: error: {exc}", file=sys.stderr)
-        return 2
-    for name in HIDDEN_ENV:  # kernels must not inherit a token
-        os.environ.pop(name, None)
-    disable_created_metrics()
-    configure_logging(settings.log_format, settings.log_level)
-    return call_main(settings, request, args.body_only)
 
 
 def _log_level(text: str) -> str:
@@ -360,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = argv[1:]
     kg_mode = is_kernel_gateway_argv(argv) and \
         (bool(argv) or any(k.startswith("KG_") for k in environ))
+    call: Call | None = None
     with contextlib.ExitStack() as stack:
         try:
             if kg_mode:
@@ -369,8 +356,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 args = build_parser().parse_args(argv)
                 if args.command == "call":
-                    return run_call(args, environ)
-                settings, translation = settings_from(args, environ), Translation()
+                    settings, translation = call_settings(args, environ), Translation()
+                    call = parse_call(args.request, args.data, args.header)
+                else:
+                    settings, translation = settings_from(args, environ), Translation()
                 if args.command == "routes":
                     for spec, planned in check_routes(settings):
                         print_routes(spec, planned)
@@ -388,6 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for k, v in translation.values.items()))
         for note in [*translation.notes, *notes]:
             log.warning("%s", note)
+        if call is not None:  # its settings hold no token
+            return call_main(settings, call, args.body_only)
         if settings.auth_token and own:
             settings = protect_token(settings, stack.callback)
         return asyncio.run(serve(settings))
