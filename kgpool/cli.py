@@ -13,13 +13,14 @@ import signal
 import ssl
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from typing import Any
 
-from aiohttp import web
 from prometheus_client import disable_created_metrics
 
 from . import __version__
+from .call import CALL_SETTINGS, Call, add_call_parser, parse_call
+from .call import main as call_main
 from .checks import Plan, plan
 from .config import HIDDEN_ENV, LOG_LEVELS, Settings
 from .connections import ensure_descriptors
@@ -35,11 +36,10 @@ from .secrets import (
     reexec_without_secrets,
     take_handover,
 )
-from .web import CONNECTIONS, MOUNTS, create_app
+from .web import CONNECTIONS, MOUNTS, create_app, create_runner
 
 log = logging.getLogger("kgpool")
 ENV_PREFIX = "KGPOOL_"
-LINGER = 2.0
 
 
 def _env_name(name: str) -> str:
@@ -58,10 +58,11 @@ def _serve_parser(sub: Any) -> None:
     _add_setting_flags(serve, positional=True)
 
 
-def _add_setting_flags(parser: argparse.ArgumentParser, positional: bool) -> None:
+def _add_setting_flags(parser: argparse.ArgumentParser, positional: bool,
+                       only: Container[str] | None = None) -> None:
     for f in dataclasses.fields(Settings):
         meta = f.metadata
-        if meta.get("cli") is False:
+        if meta.get("cli") is False or (only is not None and f.name not in only):
             continue
         if meta.get("positional"):
             if positional:
@@ -97,7 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
                     "list what it would serve, in matching order, with every warning. Exits "
                     "2 exactly when serve would refuse to start. Takes serve's arguments.")
     _add_setting_flags(routes, positional=True)
+    add_call_parser(sub, lambda call: _add_setting_flags(call, False, CALL_SETTINGS))
     return parser
+
+
+def call_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+    """serve's settings, from the flags and KGPOOL_* variables that matter for one request;
+    the others (pool size, address, token, connection limits) keep their defaults. The log
+    shows warnings and errors unless a log level is given."""
+    unused = {_env_name(f.name) for f in dataclasses.fields(Settings)
+              if f.name not in CALL_SETTINGS and f.name != "notebooks"}
+    args.notebooks = [args.notebook]
+    settings = settings_from(args, {k: v for k, v in environ.items() if k not in unused})
+    level = settings.log_level if args.log_level or environ.get(_env_name("log_level")) \
+        else "warning"
+    return settings.replace(kernels=1, reload=False, log_level=level,
+                            kernel_env={k: v for k, v in environ.items() if k not in HIDDEN_ENV})
 
 
 def _log_level(text: str) -> str:
@@ -217,12 +233,7 @@ async def serve(settings: Settings) -> int:
     for mount in mounts.all:
         for warning in mount.service.notebook.warnings:
             log.warning("%s: %s", mount.name, warning)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                           handler_cancellation=True, shutdown_timeout=2.0,
-                           keepalive_timeout=settings.keepalive_timeout,
-                           # after an early answer (408, 413), unread body bytes are drained
-                           # this long so the client sees the answer, not a reset
-                           lingering_time=LINGER)
+    runner = create_runner(app, settings)
     try:
         await runner.setup()  # starts the pools' warm-up
     except KgpoolError as exc:
@@ -335,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = argv[1:]
     kg_mode = is_kernel_gateway_argv(argv) and \
         (bool(argv) or any(k.startswith("KG_") for k in environ))
+    call: Call | None = None
     with contextlib.ExitStack() as stack:
         try:
             if kg_mode:
@@ -343,7 +355,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         tempfile.TemporaryDirectory(prefix="kgpool-seed-")))
             else:
                 args = build_parser().parse_args(argv)
-                settings, translation = settings_from(args, environ), Translation()
+                if args.command == "call":
+                    settings, translation = call_settings(args, environ), Translation()
+                    call = parse_call(args.request, args.data, args.header)
+                else:
+                    settings, translation = settings_from(args, environ), Translation()
                 if args.command == "routes":
                     for spec, planned in check_routes(settings):
                         print_routes(spec, planned)
@@ -361,6 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for k, v in translation.values.items()))
         for note in [*translation.notes, *notes]:
             log.warning("%s", note)
+        if call is not None:  # its settings hold no token
+            return call_main(settings, call, args.body_only)
         if settings.auth_token and own:
             settings = protect_token(settings, stack.callback)
         return asyncio.run(serve(settings))

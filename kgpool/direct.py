@@ -28,13 +28,17 @@ _HEADER = struct.Struct(">I")
 _FILES = resources.files(__package__)
 _SOURCE = _FILES.joinpath("_inkernel.py").read_text(encoding="utf-8")
 _IO_SOURCE = _FILES.joinpath("_inkernel_io.py").read_text(encoding="utf-8")
+_PLOTS_SOURCE = _FILES.joinpath("_inkernel_plots.py").read_text(encoding="utf-8")
 
 
 def python_setup() -> str:
     """Code run in every Python kernel before its init cells, whichever channel serves it:
-    stdout capture per execution, shared by both channels (kgpool/_inkernel_io.py)."""
-    return ("(lambda ns: (exec(" + repr(_IO_SOURCE) + ", ns), ns['_kgpool_io_install']()))"
-            "({'get_ipython': get_ipython})\n")
+    stdout capture per execution (kgpool/_inkernel_io.py) and matplotlib figures as images
+    (kgpool/_inkernel_plots.py)."""
+    return "".join(f"(lambda ns: (exec({source!r}, ns), ns[{install!r}]()))"
+                   "({'get_ipython': get_ipython})\n"
+                   for source, install in ((_IO_SOURCE, "_kgpool_io_install"),
+                                           (_PLOTS_SOURCE, "_kgpool_plots_install")))
 
 
 def install_code(path: str, cells: list[tuple[str, str | None]]) -> str:

@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from .config import Settings
 from .connections import Connections
+from .cookies import BrowserCookie
 from .errors import (
     BatchError,
     ConfigError,
@@ -54,6 +55,9 @@ log = logging.getLogger(__name__)
 MOUNTS = web.AppKey("mounts", Mounts)
 CONNECTIONS = web.AppKey("connections", Connections)
 RETRY_AFTER = "1"
+# after an early answer (408, 413), unread body bytes are drained this long so that the client
+# sees the answer, not a reset
+LINGER = 2.0
 SOURCE_PATH = "/_api/source"
 
 
@@ -107,6 +111,8 @@ class NotebookHandler:
         self.mounts = mounts
         self.max_body = settings.max_body_size
         self.hide_token = bool(settings.auth_token)  # the token is kgpool's, not the notebook's
+        self.cookie = BrowserCookie.for_token(settings.auth_token, settings.prefix) \
+            if settings.auth_token else None
         self.expose_traceback = settings.expose_traceback
 
     async def handle(self, request: web.Request, raw_path: str) -> web.StreamResponse:
@@ -137,8 +143,7 @@ class NotebookHandler:
             content_type=request.headers.get("Content-Type", ""),
             query=tuple((k, v) for k, v in query if not (self.hide_token and k == "token")),
             params=params,
-            headers=tuple((k, v) for k, v in request.headers.items()
-                          if not (self.hide_token and k.lower() == "authorization")))
+            headers=self.visible_headers(request))
         if endpoint.stream is not None:
             parts = mount.service.stream(endpoint, data, request[CALL])
             return await Writer(request, endpoint.stream).send(
@@ -152,6 +157,21 @@ class NotebookHandler:
             return await _with_etag(request, reply.headers, reply.body)
         return web.Response(status=reply.status, headers=reply.headers, body=reply.body)
 
+    def visible_headers(self, request: web.Request) -> tuple[tuple[str, str], ...]:
+        """The request's headers as the notebook sees them: with a token configured, without
+        Authorization and without kgpool's cookie (a Cookie header left empty is dropped)."""
+        if self.cookie is None:
+            return tuple(request.headers.items())
+        shown = []
+        for name, value in request.headers.items():
+            if name.lower() == "authorization":
+                continue
+            if name.lower() == "cookie":
+                value = self.cookie.removed_from(value)
+                if not value:
+                    continue
+            shown.append((name, value))
+        return tuple(shown)
 
     def error(self, mount: Mount, exc: BaseException,
               request: web.Request) -> tuple[web.Response, dict[str, Any]]:
@@ -344,3 +364,11 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
 
     app.cleanup_ctx.append(pools)
     return app
+
+
+def create_runner(app: web.Application, settings: Settings) -> web.AppRunner:
+    """The runner every kgpool server uses (`serve`, `call`, kgpool.testing): kgpool installs
+    its own signal handlers and access log, and listens through `Connections`."""
+    return web.AppRunner(app, handle_signals=False, access_log=None,
+                         handler_cancellation=True, shutdown_timeout=2.0,
+                         keepalive_timeout=settings.keepalive_timeout, lingering_time=LINGER)
