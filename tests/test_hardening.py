@@ -87,6 +87,8 @@ def bodies(draw: st.DrawFn) -> bytes:
         max_leaves=30))).encode()
 
 
+# hypothesis warns when it shortens the repr of a large generated body for its report
+@pytest.mark.filterwarnings("ignore:Generating overly large repr")
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(method=METHODS, path=PATHS, ctype=TYPES, body=bodies(),
        query=st.lists(st.tuples(st.text(max_size=10), st.text(max_size=10)), max_size=5))
