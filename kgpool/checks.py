@@ -52,7 +52,9 @@ def plan(notebook: Notebook, settings: Settings) -> Plan:
                         " whose REQUEST binding no kgpool test has proven inert; request bytes "
                         "might run as code")
     if language.name == "python":
-        warnings += python_checks(notebook, settings.strict)
+        program = kernel_program(kernel_name)
+        warnings += python_checks(notebook, settings.strict,
+                                  other=None if _is_this_python(program) else program)
     if warnings:
         notebook = dataclasses.replace(notebook, warnings=notebook.warnings + tuple(warnings))
     return Plan(notebook, kernel_name, language)
@@ -80,10 +82,7 @@ def choose_kernel(notebook: Notebook, pinned: str = "") -> tuple[str, str, list[
             "--kernel-name")
     usual = _USUAL.get(language, "")
     chosen = usual if usual in same else same[0]
-    argv = specs[chosen].get("argv") or ["?"]
-    program = argv[0]
-    if program in ("python", "python3", f"python3.{sys.version_info[1]}"):
-        program = sys.executable  # as jupyter_client starts it: kgpool's own Python
+    program = kernel_program(chosen, specs)
     return chosen, language, [(
         f"the notebook's kernel spec {wanted!r} is not installed here: serving it with "
         f"{chosen!r} (the {language} kernel that runs {program}; cells import the packages "
@@ -108,19 +107,42 @@ def installed_specs() -> dict[str, dict[str, Any]]:
     return found
 
 
+def kernel_program(name: str, specs: dict[str, dict[str, Any]] | None = None) -> str:
+    """The program a kernel spec starts: `python` means kgpool's own Python, as jupyter_client
+    starts it."""
+    spec = (specs if specs is not None else installed_specs()).get(name) or {}
+    program = str((spec.get("argv") or ["?"])[0])
+    if program in ("python", "python3", f"python3.{sys.version_info[1]}"):
+        return sys.executable
+    return program
+
+
+def _is_this_python(program: str) -> bool:
+    try:
+        return os.path.samefile(program, sys.executable)
+    except OSError:
+        return program == sys.executable
+
+
 def _language(spec: dict[str, Any]) -> str:
     return str(spec.get("language") or "").strip().lower()
 
 
-def python_checks(notebook: Notebook, strict: bool) -> list[str]:
+def python_checks(notebook: Notebook, strict: bool, other: str | None = None) -> list[str]:
     """NotebookError for an init cell that cannot compile (every kernel would fail on it);
-    a warning (an error with --strict) for an endpoint or ResponseInfo cell that cannot."""
+    a warning (an error with --strict) for an endpoint or ResponseInfo cell that cannot.
+    `other`: the kernel runs that Python, not kgpool's, whose syntax may differ: warnings
+    only."""
+    warnings = []
     for cell in notebook.init_cells:
         found = python_syntax_error(cell.source)
-        if found is not None:
+        if found is not None and other is None:
             raise NotebookError(f"init {cell.name}, line {found[0]}: SyntaxError: {found[1]} "
                                 "(every kernel runs it before serving: fix the cell)")
-    warnings = []
+        if found is not None:
+            warnings.append(f"init {cell.name}, line {found[0]}: kgpool's Python "
+                            f"{sys.version_info[0]}.{sys.version_info[1]} cannot compile it "
+                            f"(SyntaxError: {found[1]}); the kernel's ({other}) may")
     for ep in notebook.endpoints:
         for response, source in ((False, ep.source), (True, ep.response_source)):
             found = python_syntax_error(source) if source else None
@@ -129,7 +151,9 @@ def python_checks(notebook: Notebook, strict: bool) -> list[str]:
             message = (f"{ep.locate(found[0], response)}: SyntaxError: {found[1]}; every "
                        f"request to {ep.method} {ep.path} will be answered 500 until the "
                        "cell is fixed")
-            if strict:
+            if other is not None:
+                message += f" (checked with kgpool's Python; the kernel runs {other})"
+            elif strict:
                 raise NotebookError(message + " (refused: --strict)")
             warnings.append(message)
     return warnings

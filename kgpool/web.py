@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import logging
 import re
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -190,15 +192,31 @@ class NotebookHandler:
 
 
 cell_log = logging.getLogger("kgpool.cells")
+_REPEAT_WINDOW = 60.0  # seconds: the same traceback again within it is logged by reference
+_RECENT: collections.OrderedDict[str, tuple[float, str]] = collections.OrderedDict()
 
 
 def log_cell_error(request: web.Request, exc: ExecutionError) -> None:
     """A warning naming the request, its id and the cell, with the cell's traceback as a
-    notebook would show it (kgpool's own frames hidden, without colours)."""
+    notebook would show it (kgpool's own frames hidden, without colours). Every failure is
+    logged; a traceback the log showed in the last minute is named, not repeated, so that a
+    client hammering a broken endpoint cannot flood the log with copies."""
     request_id = request[CALL].request_id
+    text = traceback_text(exc)
+    key = hashlib.sha1(f"{exc.cell}\0{text}".encode("utf-8", "replace"),
+                       usedforsecurity=False).hexdigest()
+    now = time.monotonic()
+    seen = _RECENT.get(key)
+    if seen is not None and now - seen[0] < _REPEAT_WINDOW:
+        text = f" (the traceback logged for request {seen[1]})"
+    else:
+        _RECENT[key] = (now, request_id)
+        _RECENT.move_to_end(key)
+        while len(_RECENT) > 256:
+            _RECENT.popitem(last=False)
     cell_log.warning(
         "%s %s (request %s): %s raised %s: %s%s", request.method, request.path, request_id,
-        exc.cell or "the cell", exc.ename, exc.evalue, traceback_text(exc),
+        exc.cell or "the cell", exc.ename, exc.evalue, text,
         extra={"request_id": request_id, "cell": exc.cell, "ename": exc.ename})
 
 

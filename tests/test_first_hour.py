@@ -5,6 +5,7 @@ and in `kgpool routes`."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -160,3 +161,30 @@ def test_routes_takes_a_folder_as_serve_does(tmp_path: Path) -> None:
                                               .read_bytes())
     out = kgpool("routes", str(clash / "a.ipynb") + "=/x", str(clash / "b.ipynb") + "=/x")
     assert out.returncode == 2 and "two notebooks would be served under /x" in out.stderr
+
+
+def test_a_kernel_on_another_python_gets_warnings_not_refusals(tmp_path: Path) -> None:
+    """kgpool checks syntax with its own Python: for a kernel that runs another one (whose
+    syntax may be newer), what fails to compile is a warning, not a refusal."""
+    spec = tmp_path / "kernels" / "otherpy"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": ["/opt/other/bin/python3", "-m", "ipykernel_launcher", "-f",
+                 "{connection_file}"], "display_name": "other", "language": "python"}))
+    out = subprocess.run(
+        [sys.executable, "-m", "kgpool", "routes", "--kernel-name", "otherpy",
+         str(NOTEBOOKS / "init_syntax.ipynb")], capture_output=True, text=True, timeout=90,
+        stdin=subprocess.DEVNULL, env={**os.environ, "JUPYTER_PATH": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    assert "warning: init cell 1 ('import json'), line 2: kgpool's Python 3." in out.stdout
+    assert "the kernel's (/opt/other/bin/python3) may" in out.stdout
+
+
+def test_the_same_traceback_again_is_named_not_repeated(server: Server) -> None:
+    for request_id in ("again-1", "again-2"):
+        assert server.get("/deep", headers={"X-Request-ID": request_id}).status == 500
+    first, second = logged(server, "again-1"), logged(server, "again-2")
+    assert "ZeroDivisionError" in first and "raised ZeroDivisionError" in second
+    assert len(second.splitlines()) == 1
+    assert second.endswith("(the traceback logged for request deep-1)") or \
+        second.endswith("(the traceback logged for request again-1)")
