@@ -58,14 +58,9 @@ class _Part:
             name = shell.compile.cache(cell, shell.execution_count, raw_code=source)
         except TypeError:  # IPython before 8
             name = shell.compile.cache(cell, shell.execution_count)
+        # REQUEST (or a batch's REQUESTS) is bound as data by each call (`bound`), as kgpool's
+        # execute_requests bind it from their metadata: the code is the cell's, line for line
         nodes = shell.transform_ast(shell.compile.ast_parse(cell, filename=name)).body
-        if bound:  # the REQUEST (or REQUESTS) binding: a call binds it as data instead
-            first = nodes[0] if nodes else None
-            names = [node.id for node in ast.walk(first.targets[0]) if isinstance(node, ast.Name)] \
-                if isinstance(first, ast.Assign) and len(first.targets) == 1 else []
-            if not names or names[0] not in ("REQUEST", "REQUESTS"):
-                raise ValueError("the cell does not start with the REQUEST binding")
-            nodes = nodes[1:]
         last = nodes[-1:] if nodes and isinstance(nodes[-1], ast.Expr) else []
         flags = shell.compile.flags | (_TOP_LEVEL_AWAIT if shell.autoawait else 0)
         self.codes = [compile(ast.Module([node], []), name, "exec", flags, True)
@@ -97,13 +92,7 @@ _Info.__module__ = ExecutionInfo.__module__
 
 def _info(part, request, batch=None):
     info = _Info(None, False, False, True, None)
-    if part.bound:  # as kgpool's languages.bind_request (or the batch binding) writes it:
-        line = f"REQUEST = {request!r}\n" if batch is None else \
-            f"REQUESTS, RESPONSES = {batch!r}, None\n"
-        info.raw_cell = lambda: line + part.source.split("\n", 1)[-1]
-        info.transformed_cell = lambda: line + part.transformed.split("\n", 1)[-1]
-    else:
-        info.raw_cell, info.transformed_cell = part.source, part.transformed
+    info.raw_cell, info.transformed_cell = part.source, part.transformed
     return info
 
 
@@ -413,6 +402,9 @@ def _kgpool_direct_install(path, cells, room):
             compiled.append(None)
             refused[index] = f"{type(exc).__name__}: {exc}"
     runner = _Runner(shell, room)  # needs _inkernel_io.py's shell.kgpool_io
+    if not path:  # a --fork template: each forked worker serves these (_inkernel_fork.py)
+        shell.kgpool_direct_parts = runner, compiled, _server
+        return refused
     # Bound and listening now; accepting starts when this cell returns to the kernel's loop.
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)

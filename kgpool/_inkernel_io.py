@@ -219,18 +219,27 @@ def _hook_stream(stream, output):
 
 
 def _hook_executions(kernel, output):
-    """An execute_request is an execution too: wrap ipykernel's do_execute."""
+    """An execute_request is an execution too: wrap ipykernel's do_execute. kgpool's own
+    requests carry REQUEST (or a batch's REQUESTS) in their metadata: bound as data before the
+    cell runs, so the cell's code is the notebook's, line for line."""
     do_execute = getattr(kernel, "do_execute", None)
     if do_execute is None:
         return
+    shell = output.shell
 
     @functools.wraps(do_execute)
     async def execute(*args, **kwargs):
+        parent = kernel.get_parent("shell") if hasattr(kernel, "get_parent") else {}
+        metadata = parent.get("metadata") or {}
+        if "kgpool_request" in metadata:
+            shell.user_ns["REQUEST"] = metadata["kgpool_request"]
+        elif "kgpool_requests" in metadata:
+            shell.user_ns["REQUESTS"] = list(metadata["kgpool_requests"])
+            shell.user_ns["RESPONSES"] = None
         if output.current is not None:
             return await do_execute(*args, **kwargs)
         sink = output.write
-        parent = kernel.get_parent("shell") if hasattr(kernel, "get_parent") else {}
-        if (parent.get("metadata") or {}).get("kgpool_stream"):  # kgpool streams the answer:
+        if metadata.get("kgpool_stream"):  # kgpool streams the answer:
             def sink(text):  # what is printed is sent at once, not every 0.2 s
                 output.write(text)
                 output.flush()
@@ -276,8 +285,39 @@ def _responses(shell):
     return [_answer(item) for item in value]
 
 
+def _cell_key(shell, source):
+    """A cell as the compiler caches it (transformed, line by line): how a traceback's frame
+    finds which notebook cell it is in."""
+    try:
+        text = shell.transform_cell(source)
+    except Exception:
+        text = source
+    return "".join(line + "\n" for line in text.splitlines())
+
+
+def _label_cells(shell):
+    """Tracebacks name notebook cells as a notebook user counts them ("Cell 4 ('# GET /x'),
+    line 3") instead of "Cell In[1]": shell.kgpool_label_cells({source: label}) says which."""
+    import linecache
+    compiler = shell.compile
+    original = compiler.format_code_name
+    labels = {}
+
+    def format_code_name(name):
+        entry = linecache.cache.get(name) if labels else None
+        label = labels.get("".join(entry[2])) if entry and len(entry) > 2 else None
+        return ("Cell", label) if label else original(name)
+
+    def add(mapping):
+        labels.update({_cell_key(shell, source): label for source, label in mapping.items()})
+
+    compiler.format_code_name = format_code_name
+    shell.kgpool_label_cells = add
+
+
 def _kgpool_io_install():
     shell = get_ipython()  # noqa: F821  (a kernel global)
+    _label_cells(shell)
     output = _Output(shell, sys.stdout)
     shell.kgpool_responses_of = _responses  # the direct channel's runner uses it too
     shell.kgpool_responses = lambda: __import__("json").dumps(_responses(shell))

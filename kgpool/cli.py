@@ -13,18 +13,21 @@ import signal
 import ssl
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from typing import Any
 
-from aiohttp import web
 from prometheus_client import disable_created_metrics
 
 from . import __version__
+from .call import CALL_SETTINGS, Call, add_call_parser, parse_call
+from .call import main as call_main
+from .checks import Plan, plan
 from .config import HIDDEN_ENV, LOG_LEVELS, Settings
 from .connections import ensure_descriptors
 from .errors import ConfigError, KgpoolError, NotebookError
 from .kgcompat import Translation, fetch_seed, is_kernel_gateway_argv, translate
-from .notebook import Notebook, load_notebook
+from .mounts import MountSpec, clashes, mount_specs
+from .notebook import load_notebook
 from .routes import Router
 from .secrets import (
     carries_token,
@@ -33,11 +36,10 @@ from .secrets import (
     reexec_without_secrets,
     take_handover,
 )
-from .web import CONNECTIONS, MOUNTS, create_app
+from .web import CONNECTIONS, MOUNTS, create_app, create_runner
 
 log = logging.getLogger("kgpool")
 ENV_PREFIX = "KGPOOL_"
-LINGER = 2.0
 
 
 def _env_name(name: str) -> str:
@@ -56,10 +58,11 @@ def _serve_parser(sub: Any) -> None:
     _add_setting_flags(serve, positional=True)
 
 
-def _add_setting_flags(parser: argparse.ArgumentParser, positional: bool) -> None:
+def _add_setting_flags(parser: argparse.ArgumentParser, positional: bool,
+                       only: Container[str] | None = None) -> None:
     for f in dataclasses.fields(Settings):
         meta = f.metadata
-        if meta.get("cli") is False:
+        if meta.get("cli") is False or (only is not None and f.name not in only):
             continue
         if meta.get("positional"):
             if positional:
@@ -88,9 +91,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kgpool {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _serve_parser(sub)
-    routes = sub.add_parser("routes", help="list the endpoints a notebook defines and exit")
-    routes.add_argument("notebook", metavar="NOTEBOOK", help="the notebook (.ipynb)")
+    routes = sub.add_parser(
+        "routes", help="check notebooks as serve would, list their endpoints and warnings",
+        description="Run every check `kgpool serve` runs before it starts a kernel (notebook "
+                    "grammar, kernel spec, language, cell syntax, route clashes, --strict) and "
+                    "list what it would serve, in matching order, with every warning. Exits "
+                    "2 exactly when serve would refuse to start. Takes serve's arguments.")
+    _add_setting_flags(routes, positional=True)
+    add_call_parser(sub, lambda call: _add_setting_flags(call, False, CALL_SETTINGS))
     return parser
+
+
+def call_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+    """serve's settings, from the flags and KGPOOL_* variables that matter for one request;
+    the others (pool size, address, token, connection limits) keep their defaults. The log
+    shows warnings and errors unless a log level is given."""
+    unused = {_env_name(f.name) for f in dataclasses.fields(Settings)
+              if f.name not in CALL_SETTINGS and f.name != "notebooks"}
+    args.notebooks = [args.notebook]
+    settings = settings_from(args, {k: v for k, v in environ.items() if k not in unused})
+    level = settings.log_level if args.log_level or environ.get(_env_name("log_level")) \
+        else "warning"
+    return settings.replace(kernels=1, reload=False, log_level=level,
+                            kernel_env={k: v for k, v in environ.items() if k not in HIDDEN_ENV})
 
 
 def _log_level(text: str) -> str:
@@ -173,13 +196,29 @@ def configure_logging(fmt: str, level: str) -> None:
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def print_routes(notebook: Notebook) -> None:
-    print(f"{notebook.name}: language {notebook.language}, kernel {notebook.kernel_name}, "
-          f"{len(notebook.init_cells)} init cell(s)")
+def check_routes(settings: Settings) -> list[tuple[MountSpec, Plan]]:
+    """What serve would serve, checked as serve checks it (NotebookError / ConfigError)."""
+    checked: list[tuple[MountSpec, Plan]] = []
+    for spec in mount_specs(settings):
+        notebook = load_notebook(spec.path, strict=settings.strict,
+                                 prefixes=settings.comment_prefixes)
+        planned = plan(notebook, settings)
+        taken = clashes(spec.name, spec.prefix, planned.notebook,
+                        [(s.name, s.prefix, p.notebook) for s, p in checked], settings.strict)
+        notebook = dataclasses.replace(planned.notebook,
+                                       warnings=planned.notebook.warnings + tuple(taken))
+        checked.append((spec, dataclasses.replace(planned, notebook=notebook)))
+    return checked
+
+
+def print_routes(spec: MountSpec, planned: Plan) -> None:
+    notebook = planned.notebook
+    print(f"{notebook.name} at {spec.prefix or '/'}: language {planned.language.name}, "
+          f"kernel {planned.kernel_name}, {len(notebook.init_cells)} init cell(s)")
     for route in Router(notebook.endpoints).routes:
         for method, ep in route.endpoints.items():
             info = f", ResponseInfo cells {list(ep.response_cells)}" if ep.response_cells else ""
-            print(f"{method:7} {ep.path:30} cells {list(ep.cells)}{info}")
+            print(f"{method:7} {spec.prefix + ep.path:30} cells {list(ep.cells)}{info}")
     for warning in notebook.warnings:
         print(f"warning: {warning}")
 
@@ -194,12 +233,7 @@ async def serve(settings: Settings) -> int:
     for mount in mounts.all:
         for warning in mount.service.notebook.warnings:
             log.warning("%s: %s", mount.name, warning)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                           handler_cancellation=True, shutdown_timeout=2.0,
-                           keepalive_timeout=settings.keepalive_timeout,
-                           # after an early answer (408, 413), unread body bytes are drained
-                           # this long so the client sees the answer, not a reset
-                           lingering_time=LINGER)
+    runner = create_runner(app, settings)
     try:
         await runner.setup()  # starts the pools' warm-up
     except KgpoolError as exc:
@@ -312,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = argv[1:]
     kg_mode = is_kernel_gateway_argv(argv) and \
         (bool(argv) or any(k.startswith("KG_") for k in environ))
+    call: Call | None = None
     with contextlib.ExitStack() as stack:
         try:
             if kg_mode:
@@ -320,10 +355,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         tempfile.TemporaryDirectory(prefix="kgpool-seed-")))
             else:
                 args = build_parser().parse_args(argv)
+                if args.command == "call":
+                    settings, translation = call_settings(args, environ), Translation()
+                    call = parse_call(args.request, args.data, args.header)
+                else:
+                    settings, translation = settings_from(args, environ), Translation()
                 if args.command == "routes":
-                    print_routes(load_notebook(args.notebook))
+                    for spec, planned in check_routes(settings):
+                        print_routes(spec, planned)
                     return 0
-                settings, translation = settings_from(args, environ), Translation()
             for name in HIDDEN_ENV:  # kernels must not inherit a token
                 os.environ.pop(name, None)
             disable_created_metrics()  # *_created series double the count; nobody graphs them
@@ -337,6 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for k, v in translation.values.items()))
         for note in [*translation.notes, *notes]:
             log.warning("%s", note)
+        if call is not None:  # its settings hold no token
+            return call_main(settings, call, args.body_only)
         if settings.auth_token and own:
             settings = protect_token(settings, stack.callback)
         return asyncio.run(serve(settings))

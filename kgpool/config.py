@@ -29,6 +29,23 @@ def _csv(value: str) -> frozenset[str]:
     return frozenset(part.strip() for part in value.split(",") if part.strip())
 
 
+_UNITS = {"": 2**20, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:I?B)?\s*\Z", re.IGNORECASE)
+
+
+def parse_size(text: str, flag: str) -> int:
+    """'512' (MiB), '512M', '1.5G', '2GiB', '300MB' (binary units all) -> bytes; '' -> 0."""
+    if not text.strip():
+        return 0
+    match = _SIZE.match(text)
+    if match is None:
+        raise ConfigError(f"{flag} wants a size such as 512M or 2G, not {text!r}")
+    size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    if size <= 0:
+        raise ConfigError(f"{flag} must be positive, not {text!r}")
+    return size
+
+
 def _opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
@@ -54,6 +71,17 @@ class Settings:
         "not start a crowd)")
     idle_timeout: float = _opt(
         60.0, "seconds a kernel beyond --kernels may stay idle before it retires")
+    fork: bool = _opt(
+        False, "Python notebooks: run the init cells once per notebook version in a template "
+        "kernel that never serves, and fork the kernels that serve from it (they share its "
+        "memory copy-on-write and start in milliseconds); needs the direct channel")
+    fork_allow_threads: bool = _opt(
+        False, "with --fork, serve even though the init cells left Python threads running "
+        "(the forked kernels do not have them; by default kgpool refuses)")
+    max_kernel_memory: str = _opt(
+        "", "replace a kernel gracefully (as --max-requests does) once its private memory "
+        "(not shared with other processes) passes this size: a number of MiB, or with a unit "
+        "(K, M, G: KiB, MiB, GiB); empty disables")
     host: str = _opt("127.0.0.1", "address to listen on; * (or 0.0.0.0) for every interface")
     port: int = _opt(8888, "TCP port to listen on")
     kernel_name: str = _opt(
@@ -181,6 +209,10 @@ class Settings:
             raise ConfigError(f"--channel must be one of {', '.join(CHANNELS)}")
         if self.transport not in TRANSPORTS:
             raise ConfigError(f"--transport must be one of {', '.join(TRANSPORTS)}")
+        if self.fork and self.channel != "direct":
+            raise ConfigError("--fork serves through the direct channel: it cannot be combined "
+                              f"with --channel {self.channel}")
+        _ = self.kernel_memory_limit  # validates the size
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
         if self.log_level not in LOG_LEVELS:
@@ -198,6 +230,11 @@ class Settings:
             object.__setattr__(self, "auth_token", read_token_file(self.auth_token_file))
         env = {k: v for k, v in self.kernel_env.items() if k not in HIDDEN_ENV}
         object.__setattr__(self, "kernel_env", env)
+
+    @property
+    def kernel_memory_limit(self) -> int:
+        """--max-kernel-memory in bytes; 0 when disabled."""
+        return parse_size(self.max_kernel_memory, "--max-kernel-memory")
 
     @property
     def warmup_limit(self) -> int:

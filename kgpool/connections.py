@@ -227,6 +227,12 @@ class Connections:
             lambda: Connection(self), host, port, ssl=ssl_context, backlog=backlog,
             ssl_handshake_timeout=handshake)
 
+    @property
+    def port(self) -> int:
+        """The TCP port it listens on (the one the system chose, for port 0)."""
+        assert self._server is not None and self._server.sockets, "listen() first"
+        return int(self._server.sockets[0].getsockname()[1])
+
     async def close(self) -> None:
         """Stop accepting; refused connections close now, admitted ones with the runner."""
         if self._server is not None:

@@ -21,7 +21,6 @@ from typing import Any
 
 from .errors import KernelDied, KernelError
 from .kernel import Kernel
-from .languages import bind_request
 from .offload import Offload, loads
 from .outputs import ExecutionResult
 
@@ -29,26 +28,29 @@ _HEADER = struct.Struct(">I")
 _FILES = resources.files(__package__)
 _SOURCE = _FILES.joinpath("_inkernel.py").read_text(encoding="utf-8")
 _IO_SOURCE = _FILES.joinpath("_inkernel_io.py").read_text(encoding="utf-8")
+_PLOTS_SOURCE = _FILES.joinpath("_inkernel_plots.py").read_text(encoding="utf-8")
 
 
 def python_setup() -> str:
     """Code run in every Python kernel before its init cells, whichever channel serves it:
-    stdout capture per execution, shared by both channels (kgpool/_inkernel_io.py)."""
-    return ("(lambda ns: (exec(" + repr(_IO_SOURCE) + ", ns), ns['_kgpool_io_install']()))"
-            "({'get_ipython': get_ipython})\n")
+    stdout capture per execution (kgpool/_inkernel_io.py) and matplotlib figures as images
+    (kgpool/_inkernel_plots.py)."""
+    return "".join(f"(lambda ns: (exec({source!r}, ns), ns[{install!r}]()))"
+                   "({'get_ipython': get_ipython})\n"
+                   for source, install in ((_IO_SOURCE, "_kgpool_io_install"),
+                                           (_PLOTS_SOURCE, "_kgpool_plots_install")))
 
 
-def install_code(path: str, cells: list[tuple[str, str | None, bool]]) -> str:
+def install_code(path: str, cells: list[tuple[str, str | None]]) -> str:
     """Code for one execute_request that installs the channel; of user globals it touches only
-    one private name, deleted again. Endpoint cells go with the REQUEST binding in front, as
-    the Jupyter channel sends them; the recursion room is measured from this cell's frame."""
-    bound = [(("REQUESTS, RESPONSES = [], None\n" if batched else bind_request("python", ""))
-              + source, info) for source, info, batched in cells]
+    one private name, deleted again. Endpoint cells go as they are: each call binds REQUEST (or
+    REQUESTS) as data, as the Jupyter channel's requests do from their metadata; the recursion
+    room is measured from this cell's frame."""
     return (f"_kgpool_ns = {{'get_ipython': get_ipython}}\n"
             "try:\n"
             f"    exec({_SOURCE!r}, _kgpool_ns)\n"
             f"    print(__import__('json').dumps(_kgpool_ns['_kgpool_direct_install']("
-            f"{path!r}, {bound!r}, _kgpool_ns['_kgpool_probe']())), end='')\n"
+            f"{path!r}, {cells!r}, _kgpool_ns['_kgpool_probe']())), end='')\n"
             "finally:\n"
             "    del _kgpool_ns\n")
 
@@ -96,7 +98,7 @@ class DirectChannel:
         self._died.add_done_callback(lambda _: self.close())
 
     @classmethod
-    async def open(cls, kernel: Kernel, path: str, cells: list[tuple[str, str | None, bool]],
+    async def open(cls, kernel: Kernel, path: str, cells: list[tuple[str, str | None]],
                    offload: Offload | None = None) -> DirectChannel:
         result = await kernel.execute(install_code(path, cells))
         if result.error is not None:

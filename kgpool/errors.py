@@ -30,11 +30,13 @@ class KernelDied(KernelError):
 class ExecutionError(KgpoolError):
     """Code sent to a kernel raised; carries the kernel's own error fields."""
 
-    def __init__(self, ename: str, evalue: str, traceback: list[str] | None = None) -> None:
+    def __init__(self, ename: str, evalue: str, traceback: list[str] | None = None,
+                 cell: str = "") -> None:
         super().__init__(f"{ename}: {evalue}")
         self.ename = ename
         self.evalue = evalue
         self.traceback = traceback or []
+        self.cell = cell  # which notebook cell(s) raised: `cell 4 ('# GET /x')`
 
 
 class InitError(KgpoolError):

@@ -14,12 +14,13 @@ from collections.abc import Callable
 from typing import Any
 
 from .direct import DirectChannel
-from .errors import KernelDied
+from .errors import KernelDied, KernelError
 from .kernel import Kernel, execute_content
 from .languages import Language, bind_request_from_file, read_report
 from .notebook import Endpoint
 from .offload import Offload
 from .outputs import ExecutionResult
+from .wire import encode_content
 
 LARGE = 64 * 1024  # characters of REQUEST past which a Python kernel reads it from a file
 # evaluated after a batched cell on the Jupyter channel: its RESPONSES, encoded in the kernel
@@ -47,12 +48,20 @@ class Channels:
 
     async def run_code(self, kernel: Kernel, language: Language, code: str, *,
                        stream: bool = False, watch: Emit | None = None,
-                       expressions: dict[str, str] | None = None) -> ExecutionResult:
+                       expressions: dict[str, str] | None = None,
+                       bind: dict[str, Any] | None = None) -> ExecutionResult:
         """Execute (large code encoded off the event loop); a guarded cell's printed report
-        becomes its output and error."""
+        becomes its output and error. `bind`: REQUEST (or REQUESTS) for a kernel with kgpool's
+        set-up, which binds it from the request's metadata."""
         content = await self.offload.run(len(code), execute_content, code, False, expressions)
+        metadata = None
+        if bind is not None:
+            size = sum(len(v) if isinstance(v, str) else sum(map(len, v)) for v in bind.values())
+            metadata = await self.offload.run(size, encode_content,
+                                              {**bind, "kgpool_stream": stream})
         result = await kernel.execute("", content=content, limit=self.limit, stream=stream,
-                                      watch=_messages(watch) if watch else None)
+                                      watch=_messages(watch) if watch else None,
+                                      metadata=metadata)
         if language.guard is not None:
             report = read_report("".join(result.stdout), self.marker)
             if report is None:  # the kernel's process lives on, the language runtime is gone
@@ -68,6 +77,10 @@ class Channels:
         channel = self._direct(kernel, index)
         if channel is not None:
             return await channel.call(index, request, self.limit)
+        if kernel.hooked:  # the cell as it is; REQUEST rides in the request's metadata
+            result = await self.run_code(kernel, language, self._cell(language, endpoint),
+                                         bind={"kgpool_request": request})
+            return result, await self._response_info(kernel, language, endpoint, result)
         assert self.folder is not None
         spill = os.path.join(self.folder, f"request-{uuid.uuid4().hex[:12]}")
         by_file = bind_request_from_file(language.name, spill) if len(request) > LARGE \
@@ -91,8 +104,11 @@ class Channels:
         channel = self._direct(kernel, index)
         if channel is not None:
             return await channel.call(index, None, self.limit, batch=requests)
-        code = f"REQUESTS, RESPONSES = {requests!r}, None\n" + endpoint.source
-        result = await self.run_code(kernel, language, code, expressions=RESPONSES)
+        if not kernel.hooked:
+            raise KernelError(f"{kernel.label}: kgpool's Python set-up failed in this kernel; "
+                              "batched endpoints need it")
+        result = await self.run_code(kernel, language, self._cell(language, endpoint),
+                                     expressions=RESPONSES, bind={"kgpool_requests": requests})
         result.answers = _answers(result)
         return result, await self._response_info(kernel, language, endpoint, result)
 
@@ -110,15 +126,25 @@ class Channels:
                 emit(kind, data)
             raise KernelDied(f"{kernel.label}: the stream ended without a result")
         info = None
-        if endpoint.response_source is not None:
+        if endpoint.response_source is not None and kernel.hooked:
+            info = await self.run_code(kernel, language, language.response_code(
+                endpoint.response_source, self.marker), bind={"kgpool_request": request})
+        elif endpoint.response_source is not None:
             info = await self.run_code(kernel, language, language.request_code(
                 endpoint.response_source, request, self.marker))
         emit("head", info)
         if info is not None and info.error is not None:
             return info  # the ResponseInfo cell failed: the endpoint does not run
+        if kernel.hooked:
+            return await self.run_code(kernel, language, self._cell(language, endpoint),
+                                       stream=True, watch=emit,
+                                       bind={"kgpool_request": request})
         return await self.run_code(
             kernel, language, language.request_code(endpoint.source, request, self.marker),
             stream=True, watch=emit)
+
+    def _cell(self, language: Language, endpoint: Endpoint) -> str:
+        return language.guarded(language.scope(endpoint.source), self.marker)
 
     async def _response_info(self, kernel: Kernel, language: Language, endpoint: Endpoint,
                              result: ExecutionResult) -> ExecutionResult | None:

@@ -6,11 +6,14 @@ from html import escape
 
 from .notebook import Notebook
 
+# The header tells kgpool a call comes from this page (kgpool/cookies.py: with a token
+# configured, the cookie authenticates such calls).
 _SCRIPT = """
+const PAGE = {'X-Kgpool-Page': '1'};
 const statusBox = document.querySelector('[data-pool-status]');
 async function refresh() {
   try {
-    const r = await fetch('_kgpool/readyz', {cache: 'no-store'});
+    const r = await fetch('_kgpool/readyz', {cache: 'no-store', headers: PAGE});
     const s = await r.json();
     const k = s.kernels;
     statusBox.textContent = `${s.status}: ${k.idle} idle, ${k.busy} busy, ` +
@@ -31,10 +34,10 @@ for (const button of document.querySelectorAll('[data-try]')) {
     const query = box.querySelector('input[name="_query"]').value;
     if (query) path += '?' + query.replace(/^[?]/, '');
     const body = box.querySelector('textarea');
-    const init = {method};
+    const init = {method, headers: {...PAGE}};
     if (body && body.value) {
       init.body = body.value;
-      init.headers = {'Content-Type': box.querySelector('select').value};
+      init.headers['Content-Type'] = box.querySelector('select').value;
     }
     const out = box.querySelector('[data-result]');
     out.textContent = '...';

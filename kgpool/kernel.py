@@ -95,6 +95,9 @@ class Kernel:
         self.pid: int | None = None
         self.exit_code: int | None = None
         self.stack_file: str | None = None  # where a Python kernel dumps its stacks (abort)
+        # kgpool's Python set-up runs in it (kgpool/_inkernel_io.py): REQUEST is bound from an
+        # execute_request's metadata, and its tracebacks name notebook cells
+        self.hooked = False
         self._watch: Callable[[str, dict[str, Any]], None] | None = None
 
     # ----- life cycle -------------------------------------------------------------------
@@ -276,12 +279,13 @@ class Kernel:
 
     async def execute(self, code: str, *, silent: bool = False, limit: int = 0,
                       content: bytes | None = None, stream: bool = False,
-                      watch: Callable[[str, dict[str, Any]], None] | None = None
-                      ) -> ExecutionResult:
+                      watch: Callable[[str, dict[str, Any]], None] | None = None,
+                      metadata: bytes | None = None) -> ExecutionResult:
         """Run code; the result arrives once the kernel has sent both its execute_reply and the
         idle status. Raises KernelDied at once. Output past `limit` characters is counted, not
         kept. A large request comes as its `content` already encoded (execute_content, in a
-        helper process)."""
+        helper process); `metadata`, encoded too, is kgpool's for the kernel's hooks
+        (kgpool/_inkernel_io.py: the REQUEST to bind, whether to stream)."""
         if self._died.done():
             raise self._died.result()
         if self._pending is not None:
@@ -289,8 +293,10 @@ class Kernel:
         assert self._wire is not None
         # kgpool's own metadata: the stdout capture (_inkernel_io) sends at once what a streamed
         # cell prints; `watch` then sees each message as it arrives
-        metadata = b'{"kgpool_stream": true}' if stream else b"{}"
-        if content is not None:
+        if metadata is None:
+            metadata = b'{"kgpool_stream": true}' if stream else b"{}"
+        if content is not None or len(metadata) > 1 << 20:
+            content = content if content is not None else execute_content(code, silent)
             msg_id, frames = await self._wire.request_large("execute_request", content,
                                                             metadata)
         else:

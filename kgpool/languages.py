@@ -61,8 +61,14 @@ class Language:
     tidy_error: Callable[[str], str] = _same  # the kernel's evalue -> the message
 
     def request_code(self, code: str, request: str, marker: str) -> str:
-        """One execution: bind REQUEST, then run the endpoint's cells."""
-        return self.bind(printable_json(request)) + self.guarded(self.scope(code), marker)
+        """One execution: bind REQUEST, then run the endpoint's cells. A one-line binding goes
+        in front of the cell's first line (its annotation, a comment), so that the kernel's
+        line numbers are the notebook's."""
+        binding = self.bind(printable_json(request))
+        cell = self.guarded(self.scope(code), marker)
+        if self.guard is None and binding.endswith("\n") and binding.count("\n") == 1:
+            return binding[:-1] + " " + cell
+        return binding + cell
 
     def response_code(self, code: str, marker: str) -> str:
         return self.guarded(self.scope(code), marker)
@@ -125,7 +131,7 @@ def _javascript_scope(code: str) -> str:
     # A block: `let`, `const` and `class` at the top of an endpoint cell are declared anew
     # on every request instead of failing from the second one on ("already been declared").
     # `var`, assignments and (sloppy-mode) functions still reach the global scope.
-    return "{\n" + _HASH_ANNOTATION.sub("//", code) + "\n}"
+    return "{ " + _HASH_ANNOTATION.sub("//", code) + "\n}"  # `{ ` keeps the line numbers
 
 
 def _ruby_bind(request: str) -> str:

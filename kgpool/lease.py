@@ -49,6 +49,7 @@ class Lease:
     served: int = 0
     retiring: bool = False  # stopped when it is next idle (recycle, reload)
     dead: bool = False  # its process exited while it was lent
+    unreported: bool = False  # replaced for an exit whose report had not come yet
     stopped: bool = False
     gone: asyncio.Event = field(default_factory=asyncio.Event)  # set once it is stopped
     idle_since: float = 0.0

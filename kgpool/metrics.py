@@ -25,7 +25,8 @@ from .pool import PoolStatus
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _LAG = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _STARTUP = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
-RESTART_REASONS = ("crash", "timeout", "recycle", "init_failed", "reload", "cancelled")
+RESTART_REASONS = ("crash", "timeout", "recycle", "init_failed", "reload", "cancelled",
+                   "memory")
 REJECT_REASONS = ("queue_full", "draining", "not_ready")
 CONNECTION_CLOSE_REASONS = ("limit", "idle", "header_timeout")
 # notebook name -> the status of every pool serving it (two while a reload swaps pools)
@@ -106,6 +107,12 @@ class Metrics:
                                     "endpoint, per batch.", ["notebook", "route"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024),
                                     registry=registry)
+        self.memory = Gauge("kgpool_kernel_memory_bytes", "Memory of each kernel (slot; "
+                            "slot=\"template\": the --fork templates) by kind: private "
+                            "(not shared with any other process: what --max-kernel-memory "
+                            "limits) and pss (shared pages split between the processes that "
+                            "map them: the kernels' pss adds up to what they cost together).",
+                            ["notebook", "slot", "kind"], registry=registry)
         self.kernel_start = Histogram("kgpool_kernel_start_duration_seconds",
                                       "Time to start a kernel process until it answers.",
                                       ["notebook"], buckets=_STARTUP, registry=registry)
@@ -160,6 +167,7 @@ class NotebookMetrics:
     def __init__(self, metrics: Metrics, name: str) -> None:
         self.name = name
         self._m = metrics
+        self._memory_slots: set[str] = set()
         for reason in RESTART_REASONS:  # zero series exist before the first event
             metrics.restarts.labels(name, reason)
         for reason in REJECT_REASONS:
@@ -171,6 +179,16 @@ class NotebookMetrics:
 
     def kernel_restarted(self, reason: str) -> None:
         self._m.restarts.labels(self.name, reason).inc()
+
+    def kernel_memory(self, samples: Mapping[str, tuple[int, int]]) -> None:
+        """The latest (private, pss) bytes of each kernel, by slot; gone slots are dropped."""
+        for slot in self._memory_slots - samples.keys():
+            for kind in ("private", "pss"):
+                self._m.memory.remove(self.name, slot, kind)
+        for slot, (private, pss) in samples.items():
+            self._m.memory.labels(self.name, slot, "private").set(private)
+            self._m.memory.labels(self.name, slot, "pss").set(pss)
+        self._memory_slots = set(samples)
 
     def kernel_exited(self, status: str) -> None:
         self._m.exits.labels(self.name, status).inc()

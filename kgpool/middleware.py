@@ -16,6 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from .config import Settings
+from .cookies import BrowserCookie, navigation, trusted_use, without_token
 from .metrics import Metrics
 from .mounts import Mounts
 from .service import CallInfo
@@ -108,7 +109,7 @@ def access(metrics: Metrics, locate: Locator, trust_xheaders: bool) -> Any:
         request_id = request.headers.get("X-Request-ID", "")
         if not (0 < len(request_id) <= 128 and request_id.isascii() and request_id.isprintable()):
             request_id = uuid.uuid4().hex  # none given, or nothing fit for logs and headers
-        request[CALL] = info = CallInfo()
+        request[CALL] = info = CallInfo(request_id=request_id)
         op = locate(request).op
         if op is None:
             metrics.in_flight.inc()
@@ -162,31 +163,59 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
                               "log has the details")
 
 
-def auth(settings: Settings, locate: Locator) -> Any:
-    """Bearer (or Kernel Gateway's `token` scheme or `?token=`) authentication; probes and
-    /public stay open."""
-    token = settings.auth_token.encode()
+def auth(settings: Settings, locate: Locator, mounts: Mounts) -> Any:
+    """Bearer (or Kernel Gateway's `token` scheme or `?token=`) authentication, and for
+    browsers the cookie a `?token=` is swapped for (kgpool/cookies.py); probes and /public
+    stay open."""
+    token = settings.auth_token.encode("utf-8", "surrogateescape")
+    cookie = BrowserCookie.for_token(settings.auth_token, settings.prefix)
     open_ops = PROBES if settings.metrics_auth else PROBES | {"/metrics"}
 
-    def presented(request: web.Request) -> bool:
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() not in ("bearer", "token"):
-            given = request.query.get("token", "")  # Kernel Gateway's clients may send ?token=
+    def valid(given: str) -> bool:
         return bool(given) and \
             hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), token)
+
+    def presented(request: web.Request, index: bool) -> str | None:
+        """How the request presented the token: "header", "query", "cookie", or None."""
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() in ("bearer", "token"):
+            return "header" if valid(given) else None
+        if valid(request.query.get("token", "")):  # Kernel Gateway's clients may send ?token=
+            return "query"
+        if cookie.presented(request.headers.get("Cookie", "")) and \
+                trusted_use(request.method, request.headers, index):
+            return "cookie"
+        return None
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         where = locate(request)
-        request[AUTHORIZED] = presented(request)
+        index = where.rel == "/" and where.op is None and mounts.route_of("/") is None
+        how = presented(request, index)
+        request[AUTHORIZED] = how is not None
+        if how == "query" and request.method == "GET" and where.rel is not None and (
+                index or navigation(request.headers)):
+            return swap_for_cookie(request, cookie, settings.trust_xheaders)
         if where.op in open_ops or (where.static and settings.static_path):
             return await handler(request)
-        if not request[AUTHORIZED]:
+        if how is None:
             return error_response(401, "unauthorized", "a valid token is required: "
-                                  "Authorization: Bearer <token>",
+                                  "Authorization: Bearer <token> (in a browser, open the "
+                                  "page once with ?token=<token>)",
                                   {"WWW-Authenticate": 'Bearer realm="kgpool"'})
         return await handler(request)
     return middleware
+
+
+def swap_for_cookie(request: web.Request, cookie: BrowserCookie,
+                    trust_xheaders: bool) -> web.Response:
+    """303 to the same URL without `token=`, setting the cookie that stands for it."""
+    secure = request.secure or (trust_xheaders and request.headers.get(
+        "X-Forwarded-Proto", "").strip().lower() == "https")
+    location = without_token(request.rel_url.raw_path, request.rel_url.raw_query_string)
+    return web.Response(status=303, headers={
+        "Location": location, "Set-Cookie": cookie.header(secure),
+        "Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
 
 
 def cors(settings: Settings, mounts: Mounts, locate: Locator) -> Any:
@@ -277,7 +306,7 @@ def middlewares(settings: Settings, metrics: Metrics, mounts: Mounts) -> list[An
         stack.append(cors(settings, mounts, locate))
     stack.append(json_errors)
     if settings.auth_token:
-        stack.append(auth(settings, locate))
+        stack.append(auth(settings, locate, mounts))
     if settings.body_timeout:
         stack.append(body_deadline(settings, mounts, locate))
     return stack

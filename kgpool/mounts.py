@@ -157,6 +157,29 @@ def _shape(template: str) -> tuple[tuple[str, bool], ...]:
     return tuple((part.split(":", 1)[0], ":" in part) for part in template.split("/"))
 
 
+def clashes(name: str, prefix: str, notebook: Notebook,
+            others: list[tuple[str, str, Notebook]], strict: bool) -> list[str]:
+    """ConfigError if a route of `notebook` under `prefix` has the same shape as a route of
+    one of the `others` (name, prefix, notebook). A route at one of kgpool's own paths takes
+    it (a warning; an error with --strict): kgpool's stays under /_kgpool."""
+    mine = {_shape(prefix + ep.path): ep.path for ep in notebook.endpoints}
+    warnings = []
+    for path in sorted(OPS_PATHS):
+        if _shape(path) in mine:
+            message = (f"{name}: its endpoint {mine[_shape(path)]} takes {path}; "
+                       f"kgpool's own {path} stays at {KGPOOL_PREFIX}{path}")
+            if strict:
+                raise ConfigError(message + " (refused: --strict)")
+            warnings.append(message)
+    for other, other_prefix, other_notebook in others:
+        for ep in other_notebook.endpoints:
+            shape = _shape(other_prefix + ep.path)
+            if shape in mine:
+                raise ConfigError(f"route clash: {name} {prefix}{mine[shape]} "
+                                  f"and {other} {other_prefix}{ep.path}")
+    return warnings
+
+
 class Mounts:
     """All served notebooks; requests find theirs by URL prefix, longest first."""
 
@@ -177,24 +200,11 @@ class Mounts:
 
     def check_clashes(self, mount: Mount, notebook: Notebook) -> None:
         """ConfigError if a route of `notebook` under mount.prefix has the same shape as
-        another notebook's route. A route at one of kgpool's own paths takes it (with a
-        warning; an error with --strict): kgpool's stays under /_kgpool."""
-        mine = {_shape(mount.prefix + ep.path): ep.path for ep in notebook.endpoints}
-        for path in sorted(OPS_PATHS):
-            if _shape(path) in mine:
-                message = (f"{mount.name}: its endpoint {mine[_shape(path)]} takes {path}; "
-                           f"kgpool's own {path} stays at {KGPOOL_PREFIX}{path}")
-                if self._settings.strict:
-                    raise ConfigError(message + " (refused: --strict)")
-                log.warning("%s", message)
-        for other in self.all:
-            if other is mount:
-                continue
-            for ep in other.service.notebook.endpoints:
-                shape = _shape(other.prefix + ep.path)
-                if shape in mine:
-                    raise ConfigError(f"route clash: {mount.name} {mount.prefix}{mine[shape]} "
-                                      f"and {other.name} {other.prefix}{ep.path}")
+        another notebook's route; a warning for one that takes a kgpool path."""
+        others = [(m.name, m.prefix, m.service.notebook) for m in self.all if m is not mount]
+        for warning in clashes(mount.name, mount.prefix, notebook, others,
+                               self._settings.strict):
+            log.warning("%s", warning)
 
     def match(self, raw_path: str) -> tuple[Mount, Route, dict[str, str]] | None:
         for mount in self._by_prefix:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,6 +40,23 @@ class Cell:
         return f"cell {self.number} ({self.first_line[:60]!r})"
 
 
+def _lines(cell: Cell) -> int:
+    return cell.source.count("\n") + 1
+
+
+def cells_name(numbers: tuple[int, ...], source: str) -> str:
+    """`cell 4 ('# GET /x')`, or `cells 3+5 ('# GET /x')` for an endpoint in two cells."""
+    return f"cell{'s' if len(numbers) > 1 else ''} {cell_label(numbers, source)}" \
+        if numbers else ""
+
+
+def cell_label(numbers: tuple[int, ...], source: str) -> str:
+    """How a traceback names the cell(s) a piece of code came from: `4 ('# GET /x')`, or
+    `3+5 ('# GET /x')` for an endpoint written in two cells."""
+    first = source.strip().splitlines()[0] if source.strip() else ""
+    return f"{'+'.join(map(str, numbers))} ({first[:60]!r})"
+
+
 @dataclass(frozen=True)
 class Batching:
     """`# kgpool: batch max_size=32 max_wait=0.01`: concurrent requests run together."""
@@ -59,10 +77,32 @@ class Endpoint:
     response_cells: tuple[int, ...] = ()
     batch: Batching | None = None
     stream: str | None = None  # `# kgpool: stream` (chunked) or `stream sse`
+    cell_lines: tuple[int, ...] = ()  # lines of each joined cell, to find a line's cell
+    response_lines: tuple[int, ...] = ()
+
+    def locate(self, line: int, response: bool = False) -> str:
+        """`cell 4 ('# GET /x'), line 2`: where line `line` of the joined code is."""
+        numbers = self.response_cells if response else self.cells
+        counts = self.response_lines if response else self.cell_lines
+        source = (self.response_source or "") if response else self.source
+        pieces = source.split("\n")
+        start = 0
+        for number, count in zip(numbers, counts, strict=False):
+            if line <= start + count:
+                first = pieces[start] if start < len(pieces) else ""
+                return f"{cells_name((number,), first)}, line {line - start}"
+            start += count
+        return f"{cells_name(numbers, source)}, line {line}"
 
     @property
     def params(self) -> tuple[str, ...]:
         return tuple(name for _, name in split_path(self.path) if name)
+
+    @functools.cached_property
+    def names(self) -> tuple[str, str]:
+        """How messages name its cells and its ResponseInfo cells: `cell 4 ('# GET /x')`."""
+        return (cells_name(self.cells, self.source),
+                cells_name(self.response_cells, self.response_source or ""))
 
 
 @dataclass(frozen=True)
@@ -173,6 +213,8 @@ class _Grammar:
                      response_source=("\n".join(c.source for c in infos[m, p])
                                       if (m, p) in infos else None),
                      response_cells=tuple(c.number for c in infos.get((m, p), ())),
+                     cell_lines=tuple(_lines(c) for c in group),
+                     response_lines=tuple(_lines(c) for c in infos.get((m, p), ())),
                      **self.options(group))
             for (m, p), group in bodies.items())
         self.check_shapes(endpoints)

@@ -82,8 +82,9 @@ class KernelPool:
     # ----- state -------------------------------------------------------------------------
 
     def status(self) -> PoolStatus:
-        desired = max(self.size, len(self._idle) + len(self._busy) + len(self._starting))
-        return PoolStatus(min(desired, self.max_size), len(self._starting), len(self._idle),
+        starting = len(self._warming_slots())
+        desired = max(self.size, len(self._idle) + len(self._busy) + starting)
+        return PoolStatus(min(desired, self.max_size), starting, len(self._idle),
                           len(self._busy), self._stopping, len(self._waiters), self.max_queue,
                           self._draining or self._closed, tuple(self._failing.values()),
                           self._rolling, self.size, self.max_size)
@@ -216,6 +217,14 @@ class KernelPool:
             self._hand_out(lease)
         self._notify_if_quiet()
 
+    def recycle(self, lease: Lease, reason: str) -> None:
+        """Replace a kernel gracefully, as --max-requests does: it serves until its
+        replacement is warm (e.g. past --max-kernel-memory)."""
+        if lease.retiring or lease.stopped or lease not in self.members():
+            return
+        lease.retiring = True
+        self._start_replacement(lease.slot, reason, old=lease)
+
     def _hand_out(self, lease: Lease) -> None:
         """A kernel goes to the longest waiter that takes its version, else to the back of the
         idle queue: handing out from the front spreads requests over every kernel in turn."""
@@ -268,12 +277,16 @@ class KernelPool:
     # ----- supervision -------------------------------------------------------------------
 
     def _kernel_died(self, lease: Lease) -> None:
-        if lease.stopped:
+        if lease.stopped and not lease.unreported:
             return  # we stopped it
-        status = describe_exit(lease.kernel.exit_code)
+        # a forked worker may know only the cause (its template died): it says so
+        status = getattr(lease.kernel, "exit_status", None) or \
+            describe_exit(lease.kernel.exit_code)
         log.warning("kernel slot %d (pid %s) exited unexpectedly: %s", lease.slot,
                     lease.kernel.pid, status)
         self._listener.kernel_exited(status)
+        if lease.stopped:
+            return  # already being replaced: its exit was seen before this report
         if lease in self._idle:
             self._idle.remove(lease)
             self._replace(lease, "crash")
@@ -284,6 +297,8 @@ class KernelPool:
         if lease.stopped:
             return
         log.warning("kernel slot %d (pid %s) replaced: %s", lease.slot, lease.kernel.pid, reason)
+        # it exited before the report of its death came (that comes next: count it then)
+        lease.unreported = not lease.dead and not lease.kernel.is_alive
         delay = 0.0
         if reason == "crash":
             delay = self._crash_delay()
@@ -296,7 +311,7 @@ class KernelPool:
         if lease.retiring and self._warming(lease.slot):
             return  # a replacement for this slot is already warming
         if reason != "recycle" and not self._waiters and \
-                len(self.members()) + len(self._starting) >= self.size:
+                len(self.members()) + len(self._warming_slots()) >= self.size:
             return  # one of the extra kernels: demand warms another if it comes back
         self._start_replacement(lease.slot, reason, delay=delay)
 
@@ -315,7 +330,13 @@ class KernelPool:
         return delay
 
     def _warming(self, slot: int) -> bool:
-        return any(s == slot for s, _ in self._starting.values())
+        return slot in self._warming_slots()
+
+    def _warming_slots(self) -> list[int]:
+        """The slots being warmed. A finished warm-up stays in _starting until its done
+        callback runs, its kernel a member already: counting it twice lost a slot when a
+        kernel died in that moment (its replacement looked like an extra kernel)."""
+        return [slot for task, (slot, _) in self._starting.items() if not task.done()]
 
     def _start_replacement(self, slot: int, reason: str, old: Lease | None = None,
                            delay: float = 0.0) -> None:
@@ -426,8 +447,9 @@ class KernelPool:
         if self._closed or self._draining:
             return
         waiting = sum(1 for waiter in self._waiters if not waiter.future.done())
-        room = self.max_size - len(self.members()) - len(self._starting)
-        for _ in range(max(0, min(waiting - len(self._starting), room))):
+        warming = len(self._warming_slots())
+        room = self.max_size - len(self.members()) - warming
+        for _ in range(max(0, min(waiting - warming, room))):
             slot = self._free_slot()
             self._listener.pool_resized("up", "queue")
             log.info("growing the pool: slot %d for %d waiting request(s)", slot, waiting)

@@ -40,23 +40,38 @@ def _as_is(ename: str, evalue: str) -> tuple[str, str]:
     return ename or "Error", evalue
 
 
-def execution_error(error: dict[str, Any], tidy: Tidy = _as_is) -> ExecutionError:
+# A SyntaxError's message ends with the file it was compiled as: ipykernel's hash-named one
+_CODE_FILE = re.compile(r"\((?:[^()\n]*\.py|<[^<>\n]*>), line (\d+)\)$")
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # a traceback's colours
+_HIDDEN = re.compile(r"^\s*(?:\x1b\[[0-9;]*m)*\[\.\.\. skipping hidden \d+ frame")
+
+
+def execution_error(error: dict[str, Any], tidy: Tidy = _as_is,
+                    cell: str = "") -> ExecutionError:
+    """The error a cell's failure becomes; `cell` names the notebook cell(s) that ran: a
+    syntax error's message says `(cell 4 ('# GET /x'), line 2)` instead of a file name."""
     ename, evalue = tidy(str(error.get("ename") or ""), str(error.get("evalue", "")))
-    return ExecutionError(ename, evalue, list(error.get("traceback", [])))
+    if cell and ename in ("SyntaxError", "IndentationError", "TabError"):
+        evalue = _CODE_FILE.sub(lambda m: f"({cell}, line {m.group(1)})", evalue)
+    traceback = [str(entry) for entry in error.get("traceback", [])
+                 if not _HIDDEN.match(str(entry))]  # kgpool's own frames, hidden
+    return ExecutionError(ename, evalue, traceback, cell)
 
 
 def build_reply(result: ExecutionResult, info: ExecutionResult | None,
-                max_size: int = 0, tidy: Tidy = _as_is) -> Reply:
+                max_size: int = 0, tidy: Tidy = _as_is, cells: tuple[str, str] = ("", "")
+                ) -> Reply:
     """The Reply for an endpoint's result and its ResponseInfo result; raises ExecutionError
     if a cell failed, ResponseInfoError for an unusable ResponseInfo, ResponseTooLarge past
-    `max_size` bytes (0: no limit)."""
+    `max_size` bytes (0: no limit). `cells`: the names of the endpoint's cells and of its
+    ResponseInfo's (Endpoint.names)."""
     if result.error is not None:
-        raise execution_error(result.error, tidy)
+        raise execution_error(result.error, tidy, cells[0])
     reply = Reply()
     asked = None
     if info is not None:
         if info.error is not None:
-            raise execution_error(info.error, tidy)
+            raise execution_error(info.error, tidy, cells[1])
         if apply_response_info(reply, info.text):
             asked = next(v for k, v in reply.headers.items()
                          if k.lower() == "content-type").split(";")[0].strip().lower()
@@ -118,17 +133,18 @@ def _checked(name: Any, value: Any) -> tuple[str, str]:
 
 
 def batch_replies(result: ExecutionResult, info: ExecutionResult | None, count: int,
-                  max_size: int = 0, tidy: Tidy = _as_is) -> list[Reply | Exception]:
+                  max_size: int = 0, tidy: Tidy = _as_is, cells: tuple[str, str] = ("", "")
+                  ) -> list[Reply | Exception]:
     """One Reply (or that request's own error) per request of a batch. The cell answers in
     RESPONSES (kgpool/_inkernel_io.py encodes each item) or prints a JSON list; ResponseInfo
     gives every answer its status and headers first. Raises (for the whole batch) if the cell
     failed or its answers do not fit the batch."""
     if result.error is not None:
-        raise execution_error(result.error, tidy)
+        raise execution_error(result.error, tidy, cells[0])
     base = Reply()
     if info is not None:
         if info.error is not None:
-            raise execution_error(info.error, tidy)
+            raise execution_error(info.error, tidy, cells[1])
         apply_response_info(base, info.text)
     answers = result.answers
     if isinstance(answers, dict):
@@ -145,13 +161,13 @@ def batch_replies(result: ExecutionResult, info: ExecutionResult | None, count: 
                     {"json": json.dumps(item)}} for item in printed]
     if len(answers) != count:
         raise BatchError(f"the batch of {count} request(s) got {len(answers)} answer(s)")
-    return [_one(base, answer, max_size) for answer in answers]
+    return [_one(base, answer, max_size, cells[0]) for answer in answers]
 
 
-def _one(base: Reply, answer: dict[str, Any], max_size: int) -> Reply | Exception:
+def _one(base: Reply, answer: dict[str, Any], max_size: int, cell: str) -> Reply | Exception:
     if "error" in answer:
         ename, evalue = answer["error"]
-        return ExecutionError(str(ename), str(evalue))
+        return ExecutionError(str(ename), str(evalue), cell=cell)
     reply = Reply(base.status, dict(base.headers))
     try:
         if "status" in answer or "headers" in answer:
@@ -172,3 +188,15 @@ def _one(base: Reply, answer: dict[str, Any], max_size: int) -> Reply | Exceptio
     if reply.status in NO_BODY_STATUSES:
         reply.body = b""
     return reply
+
+
+def traceback_text(error: ExecutionError, most: int = 20000) -> str:
+    """A cell's traceback for the log: as a notebook shows it, without colours, indented."""
+    text = "\n".join(ANSI.sub("", entry).rstrip("\n") for entry in error.traceback).strip()
+    if len(text) > most:
+        text = text[:most // 2] + "\n[... traceback cut ...]\n" + text[-most // 2:]
+    return "\n" + indent(text) if text else ""
+
+
+def indent(text: str) -> str:
+    return "\n".join("    " + line for line in text.rstrip("\n").splitlines())

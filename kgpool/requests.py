@@ -25,6 +25,13 @@ class RequestData:
 
 def request_document(data: RequestData) -> str:
     """The REQUEST value: a JSON text with Kernel Gateway's keys, in its order."""
+    return document_of(data)[0]
+
+
+def document_of(data: RequestData) -> tuple[str, str | None]:
+    """The REQUEST value, and a note for the log when the body is not what its Content-Type
+    says (it reaches the cell anyway, as Kernel Gateway passes it: the cell then fails far
+    from the cause, with a TypeError or a KeyError)."""
     args: dict[str, list[str]] = {}
     for name, value in data.query:
         args.setdefault(name, []).append(value)
@@ -36,32 +43,49 @@ def request_document(data: RequestData) -> str:
             headers[key] = (old if isinstance(old, list) else [old]) + [value]
         else:
             headers[key] = value
-    document = {"body": parse_body(data.body, data.content_type), "args": args,
-                "path": dict(data.params), "headers": headers}
+    body, note = _parsed(data.body, data.content_type)
+    document = {"body": body, "args": args, "path": dict(data.params), "headers": headers}
     try:
-        return json.dumps(document)
+        return json.dumps(document), note
     except RecursionError:  # a body nested as deep as the parser goes, one level more here
         document["body"] = data.body.decode("utf-8", errors="surrogateescape")
-        return json.dumps(document)
+        return json.dumps(document), note
 
 
 def parse_body(body: bytes, content_type: str) -> Any:
     """JSON and form bodies become data; anything else stays text (parameters are ignored)."""
+    return _parsed(body, content_type)[0]
+
+
+def _parsed(body: bytes, content_type: str) -> tuple[Any, str | None]:
     media = content_type.split(";", 1)[0].strip().lower()
     if media == "multipart/form-data":
-        return _multipart_fields(body, content_type)
+        return _multipart_fields(body, content_type), None
     text = body.decode("utf-8", errors="surrogateescape")  # invalid bytes survive the trip
     if media == "application/json" or media.endswith("+json"):
         try:
-            return json.loads(text)
-        except (ValueError, RecursionError):  # not JSON, or nested too deep: text, as KG does
-            return text
+            return json.loads(text), None
+        except RecursionError:
+            return text, f"the JSON body is nested too deep to parse ({media}); {_AS_TEXT}"
+        except ValueError as exc:  # not JSON: text, as Kernel Gateway passes it
+            return text, f"the body is not valid JSON ({media}: {exc}); {_AS_TEXT}"
+    looks_json = text.lstrip()[:1] in ("{", "[")
     if media == "application/x-www-form-urlencoded":
         fields: dict[str, list[str]] = {}
         for name, value in parse_qsl(text, keep_blank_values=True, errors="surrogateescape"):
             fields.setdefault(name, []).append(value)
-        return fields
-    return text
+        return fields, (_FORM_NOT_JSON if looks_json else None)
+    if looks_json and not media:
+        return text, ("the body looks like JSON but came without a Content-Type: the cell "
+                      "gets it as a string (send Content-Type: application/json)")
+    return text, None
+
+
+_AS_TEXT = "the cell gets it as a string in REQUEST['body'], as Kernel Gateway passes it"
+_FORM_NOT_JSON = (
+    "the body looks like JSON but came as a form (Content-Type: "
+    "application/x-www-form-urlencoded, what curl -d sends unless told otherwise): the cell "
+    "gets a dict of lists; send it with -H 'Content-Type: application/json'")
 
 
 def _multipart_fields(body: bytes, content_type: str) -> dict[str, list[Any]]:

@@ -16,11 +16,12 @@ import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import zmq.asyncio
 
 from .batcher import Batcher, Item
+from .checks import plan
 from .config import Settings
 from .direct import DirectChannel, python_setup
 from .errors import (
@@ -36,15 +37,25 @@ from .errors import (
     ResponseTooLarge,
 )
 from .execution import Channels
-from .kernel import Kernel, spec_language
-from .languages import Language, kernel_language, transport_for
+from .forked import Forker, template_setup
+from .kernel import Kernel
+from .languages import Language, transport_for
+from .memory import MemoryWatch, TemplateInfo
 from .metrics import NotebookMetrics
-from .notebook import Endpoint, Notebook
+from .notebook import Cell, Endpoint, Notebook, cell_label
 from .offload import Offload
 from .outputs import ExecutionResult
 from .pool import Accepts, KernelPool, Lease, PoolStatus
-from .replies import Reply, apply_response_info, batch_replies, build_reply, execution_error
-from .requests import RequestData, request_document
+from .replies import (
+    Reply,
+    apply_response_info,
+    batch_replies,
+    build_reply,
+    execution_error,
+    indent,
+    traceback_text,
+)
+from .requests import RequestData, document_of
 from .routes import Router
 
 log = logging.getLogger(__name__)
@@ -77,6 +88,26 @@ def setup_code(stacks: str) -> str:
     return PYTHON_SETUP % stacks + python_setup()
 
 
+def _log_init_output(kernel: Kernel, cell: Cell, result: ExecutionResult) -> None:
+    """What an init cell printed, at debug level (as a notebook would have shown it)."""
+    if log.isEnabledFor(logging.DEBUG):
+        for name, text in (("printed", result.text), ("wrote to stderr", "".join(result.stderr))):
+            if text.strip():
+                log.debug("%s: init %s %s:\n%s", kernel.label, cell.name, name,
+                          indent(text[:20000]))
+
+
+def label_code(notebook: Notebook) -> str:
+    """Code that tells a Python kernel how its tracebacks name each cell of the notebook."""
+    labels = {cell.source: cell_label((cell.number,), cell.source)
+              for cell in notebook.init_cells}
+    for ep in notebook.endpoints:
+        labels[ep.source] = cell_label(ep.cells, ep.source)
+        if ep.response_source is not None:
+            labels[ep.response_source] = cell_label(ep.response_cells, ep.response_source)
+    return f"get_ipython().kgpool_label_cells({labels!r})\n"
+
+
 Key = tuple[str, str]  # (method, path template): an endpoint in any version of the notebook
 
 
@@ -88,6 +119,7 @@ class CallInfo:
     slot: int | None = None
     kernel_pid: int | None = None
     batch: str | None = None  # the id of the batch it ran in
+    request_id: str = ""  # X-Request-ID, the client's or kgpool's
 
 
 @dataclass(frozen=True)
@@ -181,26 +213,12 @@ class Version:
 
     @classmethod
     def of(cls, number: int, notebook: Notebook, settings: Settings) -> Version:
-        """ConfigError if kgpool has no inert REQUEST binding for the kernel's language, or its
-        kernel spec is not installed."""
-        kernel_name = settings.kernel_name or notebook.kernel_name or "python3"
-        try:
-            name = spec_language(kernel_name)
-        except KernelError as exc:
-            raise ConfigError(f"{notebook.name}: {exc}; choose one with --kernel-name"
-                              ) from None
-        language = kernel_language(name, kernel_name, settings.allow_unverified_language)
-        batched = [ep for ep in notebook.endpoints if ep.batch is not None]
-        if batched and language.name != "python":
-            raise ConfigError(f"{notebook.name}: {batched[0].method} {batched[0].path} is "
-                              f"batched ('kgpool: batch'), which needs a Python kernel, and "
-                              f"{kernel_name!r} runs {name}")
-        if not language.verified:
-            log.warning("%s: kernel %r runs %s, whose REQUEST binding no kgpool test has proven "
-                        "inert; request bytes might run as code", notebook.name, kernel_name,
-                        name or "an unnamed language")
-        return cls(number, notebook, Router(notebook.endpoints), kernel_name, language,
-                   transport_for(language, settings.transport),
+        """ConfigError / NotebookError for what kgpool cannot serve (kgpool/checks.py); the
+        version's notebook carries every warning about it."""
+        planned = plan(notebook, settings)
+        notebook = planned.notebook
+        return cls(number, notebook, Router(notebook.endpoints), planned.kernel_name,
+                   planned.language, transport_for(planned.language, settings.transport),
                    {(ep.method, ep.path): (i, ep) for i, ep in enumerate(notebook.endpoints)})
 
 
@@ -220,7 +238,11 @@ class NotebookService:
                  self.current.language.name, self.current.transport)
         self._versions: dict[int, Version] = {1: self.current}
         self._marker = f"kgpool-error-{secrets.token_hex(12)}:"  # see Language.guard
-        self.pool = KernelPool(self._make_kernel, kernels or settings.kernels,
+        self._forker: Forker | None = None  # --fork: made with the runtime folder
+        if settings.fork:
+            _forkable(self.current)
+        self.pool = KernelPool(self._make_worker if settings.fork else self._make_kernel,
+                               kernels or settings.kernels,
                                max_queue=settings.max_queue,
                                max_requests=settings.max_requests,
                                max_requests_jitter=settings.max_requests_jitter,
@@ -233,6 +255,7 @@ class NotebookService:
         self._context: zmq.asyncio.Context | None = None
         self._ipc_dir: str | None = None
         self._warm: asyncio.Task[None] | None = None
+        self._memory: asyncio.Task[None] | None = None
         self._runs: set[asyncio.Task[Any]] = set()
 
     @property
@@ -254,7 +277,22 @@ class NotebookService:
             ) from None
         self.channels.folder = self._ipc_dir
         self._context = zmq.asyncio.Context()
+        if self.settings.fork:
+            self._forker = Forker(self._warm_template, self._cells, ipc_dir=self._ipc_dir,
+                                  current=lambda: self.pool.version, listener=self.metrics,
+                                  offload=self._offload, name=self.metrics.name,
+                                  allow_threads=self.settings.fork_allow_threads,
+                                  timeout=self.settings.init_timeout)
         self._warm = asyncio.create_task(self.pool.start(), name="kgpool-warm-up")
+        watch = MemoryWatch(self.pool, limit=self.settings.kernel_memory_limit,
+                            report=self.metrics.kernel_memory, templates=self._templates,
+                            name=self.metrics.name)
+        self._memory = asyncio.create_task(self._watch_memory(watch), name="kgpool-memory")
+
+    async def _watch_memory(self, watch: MemoryWatch) -> None:
+        assert self._warm is not None
+        await asyncio.wait([self._warm])  # a first sample as soon as the pool is warm
+        await watch.run(first=True)
 
     async def warmed(self) -> None:
         assert self._warm is not None, "begin() first"
@@ -271,6 +309,8 @@ class NotebookService:
         return await self.pool.drain(timeout)
 
     async def close(self) -> None:
+        if self._memory is not None:
+            self._memory.cancel()
         if self._warm is not None and not self._warm.done():
             self._warm.cancel()
         if self._warm is not None:
@@ -278,6 +318,8 @@ class NotebookService:
         for batcher in self._batchers.values():
             await batcher.close()
         await self.pool.close()
+        if self._forker is not None:
+            await self._forker.close()
         await asyncio.gather(*self._runs, return_exceptions=True)
         self.channels.close()
         if self._context is not None:
@@ -289,6 +331,10 @@ class NotebookService:
         """Roll the pool over to a new version of the notebook, one kernel at a time; raises
         (the old version keeps serving) if the first kernel of the new one cannot warm."""
         version = Version.of(max(self._versions) + 1, notebook, self.settings)
+        if self.settings.fork:
+            _forkable(version)
+        for warning in version.notebook.warnings:
+            log.warning("%s (new version): %s", notebook.name, warning)
         self._versions[version.number] = version
         try:
             await self.pool.roll(version.number, on_first=lambda: self._switch(version))
@@ -300,17 +346,23 @@ class NotebookService:
             live = {lease.version for lease in self.pool.members()} | {self.current.number}
             for number in [n for n in self._versions if n not in live]:
                 del self._versions[number]
+            if self._forker is not None:
+                self._forker.prune()  # the template of a version that did not warm
 
     def _switch(self, version: Version) -> None:
         log.info("%s: the new version serves from now on; retiring the old kernels one by one",
                  version.notebook.name)
         self.current = version
 
-    async def _make_kernel(self, number: Any, slot: int, on_death: Any) -> Kernel:
+    async def _make_kernel(self, number: Any, slot: int, on_death: Any, *,
+                           template: bool = False) -> Kernel:
+        """A kernel warmed the full way; a --fork template's set-up also notes what the init
+        cells will open, and it gets no channel of its own (forked.py installs its own)."""
         assert self._context is not None and self._ipc_dir is not None, "begin() first"
         version = self._versions[number]
-        kernel = Kernel(version.kernel_name, context=self._context, label=f"slot {slot}",
-                        on_death=on_death, cwd=self._cwd,
+        kernel = Kernel(version.kernel_name, context=self._context,
+                        label="template" if template else f"slot {slot}", on_death=on_death,
+                        cwd=self._cwd,
                         ipc_dir=self._ipc_dir if version.transport == "ipc" else None,
                         runtime_dir=self._ipc_dir, env=self._env, offload=self._offload,
                         tmp_dir=os.path.join(self._ipc_dir, f"t{uuid.uuid4().hex[:12]}"))
@@ -322,11 +374,16 @@ class NotebookService:
                 language = version.language
                 if language.name == "python":
                     stacks = os.path.join(self._ipc_dir, f"stacks-{uuid.uuid4().hex[:12]}")
-                    setup = await kernel.execute(setup_code(stacks), silent=True)
+                    setup = await kernel.execute(
+                        setup_code(stacks) + (template_setup() if template else ""),
+                        silent=True)
                     if setup.error is not None:
                         log.warning("%s: Python setup failed, stdout is not captured: %s: %s",
                                     kernel.label, setup.error.get("ename"),
                                     setup.error.get("evalue"))
+                    else:
+                        kernel.hooked = True
+                        await kernel.execute(label_code(version.notebook), silent=True)
                     kernel.stack_file = stacks
                 elif language.setup:
                     await kernel.execute(language.setup, silent=True)
@@ -334,13 +391,17 @@ class NotebookService:
                 for cell in version.notebook.init_cells:
                     result = await self.channels.run_code(
                         kernel, language, language.guarded(cell.source, self._marker))
+                    _log_init_output(kernel, cell, result)
                     if result.error is not None:
-                        error = execution_error(result.error, language.error)
+                        error = execution_error(result.error, language.error, cell.name)
+                        log.error("%s: init %s raised %s: %s%s", kernel.label, cell.name,
+                                  error.ename, error.evalue, traceback_text(error))
                         raise InitError(f"init {cell.name} raised {error.ename}: "
                                         f"{error.evalue}")
                 self.metrics.kernel_warmed(booted - started, time.monotonic() - booted)
                 cell = None
-                await self._open_direct(kernel, version)
+                if not template:
+                    await self._open_direct(kernel, version)
         except BaseException as exc:
             await kernel.shutdown()
             where = f" in init {cell.name}" if cell else ""
@@ -354,13 +415,33 @@ class NotebookService:
             raise
         return kernel
 
+    async def _warm_template(self, number: int, on_death: Any) -> Kernel:
+        return await self._make_kernel(number, -1, on_death, template=True)
+
+    def _cells(self, number: int) -> list[tuple[str, str | None]]:
+        endpoints = self._versions[number].notebook.endpoints
+        return [(ep.source, ep.response_source) for ep in endpoints]
+
+    def _templates(self) -> list[TemplateInfo]:
+        if self._forker is None:
+            return []
+        return [TemplateInfo(t.version, t.kernel.pid, t.report.state)
+                for t in self._forker.templates() if t.kernel.pid is not None]
+
+    async def _make_worker(self, number: Any, slot: int, on_death: Any) -> Kernel:
+        """--fork: a worker forked from the version's template, its channel registered."""
+        assert self._forker is not None, "begin() first"
+        worker = await self._forker.worker(number, slot, on_death)
+        assert worker.channel is not None
+        self.channels.direct[cast(Kernel, worker)] = worker.channel
+        return cast(Kernel, worker)  # the pool uses only the kernel interface it implements
+
     async def _open_direct(self, kernel: Kernel, version: Version) -> None:
         if self.settings.channel != "direct" or version.language.name != "python":
             return
         assert self._ipc_dir is not None
         path = os.path.join(self._ipc_dir, f"d{uuid.uuid4().hex[:12]}.sock")
-        cells = [(ep.source, ep.response_source, ep.batch is not None)
-                 for ep in version.notebook.endpoints]
+        cells = [(ep.source, ep.response_source) for ep in version.notebook.endpoints]
         try:
             channel = await DirectChannel.open(kernel, path, cells, self._offload)
         except (KernelError, OSError, ValueError) as exc:
@@ -393,7 +474,7 @@ class NotebookService:
         info = info or CallInfo()
         deadline = self._deadline()
         # before a kernel is leased (it may fail), and off the event loop if it is large
-        document = await self._offload.run(len(request.body), request_document, request)
+        document = await self._document(endpoint, request, info)
         key = (endpoint.method, endpoint.path)
         if endpoint.batch is not None:
             return await self._batcher(key, endpoint).submit(document, deadline, info)
@@ -403,8 +484,17 @@ class NotebookService:
             result, response = await self.channels.single(lease.kernel, version.language,
                                                            index, ep, document)
             return build_reply(result, response, self.settings.max_response_size,
-                               version.language.error)
+                               version.language.error, ep.names)
         return await self._leased(key, deadline, info, work)
+
+    async def _document(self, endpoint: Endpoint, request: RequestData, info: CallInfo) -> str:
+        """The REQUEST document (off the event loop if it is large); a body that is not what
+        its Content-Type says is noted in the log, where the cell's error will be too."""
+        document, note = await self._offload.run(len(request.body), document_of, request)
+        if note:
+            log.info("%s %s (request %s): %s", endpoint.method, endpoint.path, info.request_id,
+                     note)
+        return document
 
     async def _leased(self, key: Key, deadline: float | None, info: CallInfo,
                       work: Work[T]) -> T:
@@ -483,7 +573,8 @@ class NotebookService:
             result, response = await self.channels.batch(
                 lease.kernel, version.language, index, ep, [item.document for item in items])
             return batch_replies(result, response, len(items),
-                                 self.settings.max_response_size, version.language.error)
+                                 self.settings.max_response_size, version.language.error,
+                                 ep.names)
         try:
             answers = await self._leased(key, min(deadlines) if deadlines else None,
                                          items[0].info, work)
@@ -511,7 +602,7 @@ class NotebookService:
         interrupted and its kernel kept; the rest of its output is dropped."""
         info = info or CallInfo()
         deadline = self._deadline()
-        document = await self._offload.run(len(request.body), request_document, request)
+        document = await self._document(endpoint, request, info)
         key = (endpoint.method, endpoint.path)
         parts: asyncio.Queue[Part | BaseException | None] = asyncio.Queue()
         feed = _Feed(parts, self.settings.max_response_size, endpoint.stream or "chunked")
@@ -533,7 +624,7 @@ class NotebookService:
                              lease.kernel.label, result.error.get("ename"))
                 return
             if result.error is not None:
-                raise execution_error(result.error, version.language.error)
+                raise execution_error(result.error, version.language.error, ep.names[0])
             if feed.error is not None and not isinstance(feed.error, ResponseTooLarge):
                 raise feed.error
 
@@ -560,3 +651,8 @@ class NotebookService:
                 feed.abandon()
                 self._runs.add(producer)
                 producer.add_done_callback(self._run_done)
+def _forkable(version: Version) -> None:
+    if version.language.name != "python":
+        raise ConfigError(f"--fork needs a Python kernel; {version.notebook.name} is served "
+                          f"by {version.kernel_name!r}, a {version.language.name} kernel (serve "
+                          "it without --fork)")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import logging
 import re
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -15,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from .config import Settings
 from .connections import Connections
+from .cookies import BrowserCookie
 from .errors import (
     BatchError,
     ConfigError,
@@ -44,6 +47,7 @@ from .middleware import (
 )
 from .mounts import Mount, Mounts, mount_specs
 from .notebook import Notebook
+from .replies import ANSI, traceback_text
 from .requests import RequestData
 from .specs import openapi, swagger
 from .streams import Writer
@@ -53,8 +57,11 @@ log = logging.getLogger(__name__)
 MOUNTS = web.AppKey("mounts", Mounts)
 CONNECTIONS = web.AppKey("connections", Connections)
 RETRY_AFTER = "1"
+# after an early answer (408, 413), unread body bytes are drained this long so that the client
+# sees the answer, not a reset
+LINGER = 2.0
 SOURCE_PATH = "/_api/source"
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
 
 
 # Exception type -> (status, error code, extra headers); the first matching type wins.
@@ -106,6 +113,8 @@ class NotebookHandler:
         self.mounts = mounts
         self.max_body = settings.max_body_size
         self.hide_token = bool(settings.auth_token)  # the token is kgpool's, not the notebook's
+        self.cookie = BrowserCookie.for_token(settings.auth_token, settings.prefix) \
+            if settings.auth_token else None
         self.expose_traceback = settings.expose_traceback
 
     async def handle(self, request: web.Request, raw_path: str) -> web.StreamResponse:
@@ -136,32 +145,79 @@ class NotebookHandler:
             content_type=request.headers.get("Content-Type", ""),
             query=tuple((k, v) for k, v in query if not (self.hide_token and k == "token")),
             params=params,
-            headers=tuple((k, v) for k, v in request.headers.items()
-                          if not (self.hide_token and k.lower() == "authorization")))
+            headers=self.visible_headers(request))
         if endpoint.stream is not None:
             parts = mount.service.stream(endpoint, data, request[CALL])
             return await Writer(request, endpoint.stream).send(
-                parts, lambda exc: self.error(mount, exc))
+                parts, lambda exc: self.error(mount, exc, request))
         try:
             reply = await mount.service.call(endpoint, data, request[CALL])
         except Exception as exc:
-            return self.error(mount, exc)[0]
+            return self.error(mount, exc, request)[0]
         if request.method == "GET" and reply.status == 200 and \
                 not any(name.lower() == "etag" for name in reply.headers):
             return await _with_etag(request, reply.headers, reply.body)
         return web.Response(status=reply.status, headers=reply.headers, body=reply.body)
 
+    def visible_headers(self, request: web.Request) -> tuple[tuple[str, str], ...]:
+        """The request's headers as the notebook sees them: with a token configured, without
+        Authorization and without kgpool's cookie (a Cookie header left empty is dropped)."""
+        if self.cookie is None:
+            return tuple(request.headers.items())
+        shown = []
+        for name, value in request.headers.items():
+            if name.lower() == "authorization":
+                continue
+            if name.lower() == "cookie":
+                value = self.cookie.removed_from(value)
+                if not value:
+                    continue
+            shown.append((name, value))
+        return tuple(shown)
 
-    def error(self, mount: Mount, exc: BaseException) -> tuple[web.Response, dict[str, Any]]:
-        """The answer for a failed request, and its JSON body."""
+    def error(self, mount: Mount, exc: BaseException,
+              request: web.Request) -> tuple[web.Response, dict[str, Any]]:
+        """The answer for a failed request, and its JSON body; a cell's failure is logged with
+        its traceback."""
+        if isinstance(exc, ExecutionError):
+            log_cell_error(request, exc)
         status, error, message, headers = describe(exc, details=self.hide_token)
         if error in REJECTIONS:
             mount.service.metrics.rejected_request(error)
         body: dict[str, Any] = {"error": error, "message": message}
         if self.expose_traceback and isinstance(exc, ExecutionError):
-            body["traceback"] = [_ANSI.sub("", line) for line in exc.traceback]
+            body["traceback"] = [ANSI.sub("", line) for line in exc.traceback]
         return error_response(status, error, message, headers,
                               **{k: v for k, v in body.items() if k == "traceback"}), body
+
+
+cell_log = logging.getLogger("kgpool.cells")
+_REPEAT_WINDOW = 60.0  # seconds: the same traceback again within it is logged by reference
+_RECENT: collections.OrderedDict[str, tuple[float, str]] = collections.OrderedDict()
+
+
+def log_cell_error(request: web.Request, exc: ExecutionError) -> None:
+    """A warning naming the request, its id and the cell, with the cell's traceback as a
+    notebook would show it (kgpool's own frames hidden, without colours). Every failure is
+    logged; a traceback the log showed in the last minute is named, not repeated, so that a
+    client hammering a broken endpoint cannot flood the log with copies."""
+    request_id = request[CALL].request_id
+    text = traceback_text(exc)
+    key = hashlib.sha1(f"{exc.cell}\0{text}".encode("utf-8", "replace"),
+                       usedforsecurity=False).hexdigest()
+    now = time.monotonic()
+    seen = _RECENT.get(key)
+    if seen is not None and now - seen[0] < _REPEAT_WINDOW:
+        text = f" (the traceback logged for request {seen[1]})"
+    else:
+        _RECENT[key] = (now, request_id)
+        _RECENT.move_to_end(key)
+        while len(_RECENT) > 256:
+            _RECENT.popitem(last=False)
+    cell_log.warning(
+        "%s %s (request %s): %s raised %s: %s%s", request.method, request.path, request_id,
+        exc.cell or "the cell", exc.ename, exc.evalue, text,
+        extra={"request_id": request_id, "cell": exc.cell, "ename": exc.ename})
 
 
 async def _with_etag(request: web.Request, headers: dict[str, str],
@@ -326,3 +382,11 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
 
     app.cleanup_ctx.append(pools)
     return app
+
+
+def create_runner(app: web.Application, settings: Settings) -> web.AppRunner:
+    """The runner every kgpool server uses (`serve`, `call`, kgpool.testing): kgpool installs
+    its own signal handlers and access log, and listens through `Connections`."""
+    return web.AppRunner(app, handle_signals=False, access_log=None,
+                         handler_cancellation=True, shutdown_timeout=2.0,
+                         keepalive_timeout=settings.keepalive_timeout, lingering_time=LINGER)

@@ -24,6 +24,8 @@ __all__ = ["pytest_configure", "pytest_sessionfinish", "pytest_unconfigure"]  # 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = Path(__file__).resolve().parent / "notebooks"
 EXAMPLE = ROOT / "deploy" / "notebooks" / "convert.ipynb"
+# tests/run.sh's fork pass: every server (and in-process service) runs --fork
+FORK = os.environ.get("KGPOOL_FORK", "") not in ("", "0")
 
 
 def free_port() -> int:
@@ -49,6 +51,29 @@ def kernel_children(pid: int) -> list[int]:
         if marker in env and alive(int(entry.name)):
             found.append(int(entry.name))
     return found
+
+
+def parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def serving_kernels(pid: int) -> list[int]:
+    """The kernels that serve requests: every kernel, or with --fork the workers (the children
+    of the templates, which are pid's own children)."""
+    kernels = kernel_children(pid)
+    if not FORK:
+        return kernels
+    templates = {k for k in kernels if parent(k) == pid}
+    return [k for k in kernels if parent(k) in templates]
+
+
+def init_kernels(pid: int) -> list[int]:
+    """The kernels that ran the init cells: every kernel, or with --fork the templates (pid's
+    own kernel children; the workers are theirs)."""
+    return [k for k in kernel_children(pid) if parent(k) == pid]
 
 
 def alive(pid: int) -> bool:
@@ -220,13 +245,19 @@ class Server:
         return total
 
     def kernel_pids(self) -> list[int]:
+        """The kernels that serve (with --fork: the workers, not the templates)."""
         assert self.proc is not None
-        return kernel_children(self.proc.pid)
+        return serving_kernels(self.proc.pid)
+
+    def init_kernels(self) -> list[int]:
+        """The kernels that ran the init cells (with --fork: the templates)."""
+        assert self.proc is not None
+        return init_kernels(self.proc.pid)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 40.0) -> int:
         """Signal the server, wait for it, and check that no kernel it ever had survives."""
         assert self.proc is not None
-        seen = set(self.kernels) | set(self.kernel_pids())
+        seen = set(self.kernels) | set(kernel_children(self.proc.pid))
         self.runtime |= runtime_folders(sorted(seen))
         if self.proc.poll() is None:
             self.proc.send_signal(sig)

@@ -200,55 +200,84 @@ if missing:
 CHECK
 
 # ---- the suite ---------------------------------------------------------------------------------
-# Two pytest sessions: every test on the direct channel, and every test not marked
-# channel_independent again with requests as plain execute_requests (KGPOOL_CHANNEL=jupyter):
-# the two channels must behave identically. channel_independent tests (pure code, the Jupyter
-# protocol alone, other languages' kernels, what is settled before any kernel runs a request,
-# the parity suite that runs both channels itself) run once; a new module is in both.
-# The sessions run side by side (KGPOOL_TEST_SERIAL=1: one after the other): the suite mostly
-# waits for kernels, and uses about half a core. Each has a temp folder of its own.
-pytest_pass() {  # pytest_pass CHANNEL LOG|- ARGS...
-  local name=$1 log=$2 rc=0 tmp="$KGPOOL_TEST_TMP/pass-$1"
+# pytest sessions ("passes"):
+#   direct    every test, requests on the direct channel (kgpool's default)
+#   jupyter   every test not marked channel_independent again, with requests as plain
+#             execute_requests (KGPOOL_CHANNEL=jupyter): the two channels must behave alike.
+#             channel_independent tests (pure code, the Jupyter protocol alone, other
+#             languages' kernels, what is settled before any kernel runs a request, the parity
+#             suite that runs both channels itself) run once; a new module is in both.
+#   fork      (whole runs only) with --fork (kernels forked from a template), the modules about
+#             the kernels' life: crashes, timeouts, recycling, growth, reloads, in-process
+#             services, rich outputs. The whole suite passes this way too (KGPOOL_FORK=1 pytest
+#             -m "not channel_independent and not no_fork", ~3.5 min more); the other modules
+#             test HTTP, the CLI and Kernel Gateway's options, which do not depend on how kernels
+#             are made. tests/test_fork.py and the parity corpus run --fork themselves.
+# The direct pass runs beside the other two (KGPOOL_TEST_SERIAL=1: one after the other): the
+# suite mostly waits for kernels and uses about half a core. Each pass has a temp folder of its
+# own, checked at its end by tests/hygiene.py.
+pytest_pass() {  # pytest_pass direct|jupyter|fork LOG|- ARGS...
+  local name=$1 log=$2 rc=0 tmp="$KGPOOL_TEST_TMP/pass-$1" channel=direct fork=""
   shift 2
+  [ "$name" != jupyter ] || channel=jupyter
+  [ "$name" != fork ] || fork=1
   mkdir -p "$tmp/_suite" && chmod 1777 "$tmp"
-  local run=(env KGPOOL_CHANNEL="$name" KGPOOL_TEST_TMP="$tmp" TMPDIR="$tmp"
-             .venv/bin/python -m pytest "$@")
+  local run=(env KGPOOL_CHANNEL="$channel" KGPOOL_FORK="$fork" KGPOOL_TEST_TMP="$tmp"
+             TMPDIR="$tmp" .venv/bin/python -m pytest "$@")
   if [ "$log" = - ]; then
     "${run[@]}" </dev/null || rc=$?
   else
     "${run[@]}" </dev/null >"$log" 2>&1 || rc=$?
   fi
   # pytest exits 5 when it selected no test: an error in the direct pass (nothing was tested);
-  # in the other, no selected test depends on the channel
+  # in the jupyter pass, no selected test depends on the channel
   if [ "$rc" = 5 ] && [ "$name" = jupyter ]; then
     local note="(no selected test depends on the channel: nothing to run on the Jupyter channel)"
     if [ "$log" = - ]; then echo "$note"; else echo "$note" >>"$log"; fi
     rc=0
   elif [ "$rc" = 5 ]; then
-    echo "tests/run.sh: pytest selected no test with: ${*:-(no arguments)}" >&2
+    echo "tests/run.sh: the $name pass selected no test with: ${*:-(no arguments)}" >&2
     rc=1
   fi
   return "$rc"
 }
 JUPYTER=(-q --durations=5 -m "not channel_independent" "$@")
+FORK=(-q --durations=5 -m "not channel_independent and not no_fork"
+      tests/test_resilience.py tests/test_elastic.py tests/test_notebooks.py
+      tests/test_service.py tests/test_app.py tests/test_rich.py)
 if [ -n "${KGPOOL_TEST_SERIAL:-}" ]; then
   step "pytest (default: direct channel)"
   pytest_pass direct - --durations=15 "$@"
   step "pytest (KGPOOL_CHANNEL=jupyter)"
   pytest_pass jupyter - "${JUPYTER[@]}"
+  if [ "$FULL" = 1 ]; then
+    step "pytest (KGPOOL_FORK=1: kernels' life)"
+    pytest_pass fork - "${FORK[@]}"
+  fi
 else
-  JLOG="$KGPOOL_TEST_TMP/pass-jupyter/_suite/pytest.log"
-  step "pytest (default: direct channel), and KGPOOL_CHANNEL=jupyter beside it (shown after)"
-  pytest_pass jupyter "$JLOG" "${JUPYTER[@]}" &
-  jupyter=$!
+  LOGS="$KGPOOL_TEST_TMP/pass-jupyter/_suite"
+  mkdir -p "$LOGS"
+  step "pytest (default: direct channel); beside it KGPOOL_CHANNEL=jupyter" \
+       "$([ "$FULL" = 0 ] || echo "then KGPOOL_FORK=1") (shown after)"
+  (
+    rc=0
+    pytest_pass jupyter "$LOGS/jupyter.log" "${JUPYTER[@]}" || rc=$?
+    [ "$FULL" = 0 ] || pytest_pass fork "$LOGS/fork.log" "${FORK[@]}" || rc=$?
+    exit "$rc"
+  ) &
+  others=$!
   direct=0
   pytest_pass direct - --durations=15 "$@" || direct=$?
-  jrc=0
-  wait "$jupyter" || jrc=$?
+  rest=0
+  wait "$others" || rest=$?
   step "pytest (KGPOOL_CHANNEL=jupyter), run beside the first"
-  cat "$JLOG"
+  cat "$LOGS/jupyter.log"
+  if [ "$FULL" = 1 ]; then
+    step "pytest (KGPOOL_FORK=1: kernels' life), run beside the first"
+    cat "$LOGS/fork.log"
+  fi
   [ "$direct" = 0 ] || exit "$direct"
-  [ "$jrc" = 0 ] || exit "$jrc"
+  [ "$rest" = 0 ] || exit "$rest"
 fi
 
 if [ "$FULL" = 1 ]; then

@@ -21,7 +21,8 @@ ClientFactory = Callable[[Any], Awaitable[TestClient]]
 async def make_client(aiohttp_client: ClientFactory, registry: CollectorRegistry,
                       **settings: Any) -> TestClient:
     cfg = Settings(notebooks=(str(NOTEBOOKS / "kitchen.ipynb"),),
-                   channel=os.environ.get("KGPOOL_CHANNEL", "direct"), **settings)
+                   channel=os.environ.get("KGPOOL_CHANNEL", "direct"),
+                   fork=os.environ.get("KGPOOL_FORK", "") not in ("", "0"), **settings)
     client = await aiohttp_client(create_app(cfg, registry))
     await client.app[MOUNTS].warmed()
     return client

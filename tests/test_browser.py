@@ -382,3 +382,101 @@ def test_event_source_gets_each_printed_line_as_it_is_printed(browser: Chromium)
         assert last - first >= 600, seen  # streamed, not gathered and sent at the end
         # the cell ran once: no reconnection after the end
         assert server.metric("kgpool_http_requests_total", 'route="/events"') == 1
+
+
+# --- the index page behind a token (issue 17) ------------------------------------------------
+
+INDEX_TOKEN = "index-cookie-token-9876543210"
+# A page on another port of the same host: the same *site*, so SameSite=Strict lets the
+# browser attach kgpool's cookie; kgpool must still refuse what it sends (CSRF).
+SAME_SITE_PAGE = """<!doctype html>
+<meta charset="utf-8"><title>same site, other origin</title>
+<script>
+const base = new URLSearchParams(location.search).get('kgpool');
+window.results = (async () => {
+  const out = {};
+  try {  // a "simple" request: no preflight, sent with cookies, answer unreadable
+    await fetch(base + '/echo', {method: 'POST', mode: 'no-cors', credentials: 'include',
+                                 headers: {'Content-Type': 'text/plain'}, body: 'csrf'});
+    out.noCors = 'sent';
+  } catch (e) { out.noCors = e.name; }
+  try {
+    const r = await fetch(base + '/hello/csrf', {credentials: 'include',
+                                                 headers: {'X-Kgpool-Page': '1'}});
+    out.cors = r.status;
+  } catch (e) { out.cors = e.name; }
+  return out;
+})();
+</script>
+"""
+
+
+def browser_cookies(page: Any) -> list[dict[str, Any]]:
+    found = page._run(page._send("Network.getCookies", {"urls": ["http://127.0.0.1/"]}), None)
+    return list(found["cookies"])
+
+
+def test_index_page_with_a_token_from_the_address_bar(browser: Chromium) -> None:
+    """`/?token=...` once: the page loads, the address bar loses the token, an HttpOnly
+    SameSite=Strict cookie that is not the token takes its place, try-it works with it, a
+    wrong token gets 401, and the token is in no page, log line or cookie."""
+    metric_line = 'route="/echo",method="POST"'
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(serving("--kernels", "1",
+                                             env={"KGPOOL_AUTH_TOKEN": INDEX_TOKEN}))
+        other = stack.enter_context(PageServer(
+            {"/same-site.html": ("text/html; charset=utf-8", SAME_SITE_PAGE)}))
+        page = stack.enter_context(browser.open())
+        stack.callback(lambda: page._run(page._send("Network.clearBrowserCookies"), None))
+        root = f"http://127.0.0.1:{server.port}/"
+        navigation = "performance.getEntriesByType('navigation')[0]"
+
+        page.goto(root + "?token=wrong")
+        assert page.evaluate(f"{navigation}.responseStatus") == 401
+        assert "unauthorized" in page.evaluate("document.body.textContent")
+        assert browser_cookies(page) == []
+
+        page.goto(root + f"?token={INDEX_TOKEN}")
+        assert page.evaluate(f"{navigation}.responseStatus") == 200
+        assert page.evaluate(f"!!document.querySelector('[{INDEX_MARKER}]')")
+        assert page.evaluate("location.href") == root
+        assert INDEX_TOKEN not in page.evaluate(f"{navigation}.name")
+        assert page.evaluate("document.cookie") == ""  # HttpOnly: no script sees it
+        (cookie,) = browser_cookies(page)
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/"
+        assert INDEX_TOKEN not in cookie["name"] + cookie["value"]
+
+        scope = '[data-endpoint="GET /hello/:name"]'
+        page.type(f'{scope} input[name="name"]', "cookie")
+        page.click(f"{scope} [data-try]")
+        shown = page.wait_for(
+            f"(() => {{ const t = document.querySelector('{scope} [data-result]').textContent;"
+            " return t.includes('hello cookie') && t; })()", timeout=20)
+        assert re.search(r"\b200\b", shown), shown
+        scope = '[data-endpoint="POST /echo"]'
+        page.type(f"{scope} textarea", '{"from": "cookie"}')
+        page.click(f"{scope} [data-try]")
+        shown = page.wait_for(
+            f"(() => {{ const t = document.querySelector('{scope} [data-result]').textContent;"
+            " return t.includes('cookie') && t; })()", timeout=20)
+        assert json.loads(shown[shown.index("{"):])["body"] == {"from": "cookie"}, shown
+        status = page.wait_for("(() => { const t = document.querySelector("
+                               "'[data-pool-status]').textContent; return /idle/.test(t) && t;"
+                               " })()", timeout=20)
+        assert "1 idle" in status or "idle" in status
+        html = page.evaluate("document.documentElement.outerHTML")
+        assert INDEX_TOKEN not in html and cookie["value"] not in html
+        posts = server.metric("kgpool_http_requests_total", metric_line + ',code="200"')
+
+        # A same-site page of another origin: the browser sends the cookie, kgpool refuses.
+        page.goto(other.url(f"/same-site.html?kgpool={quote(root.rstrip('/'))}"))
+        results = page.evaluate("window.results")
+        assert results["noCors"] == "sent", results
+        assert results["cors"] == "TypeError", results  # no CORS: unreadable, and refused
+        assert server.metric("kgpool_http_requests_total", 'method="POST",code="401"') == 1
+        assert server.metric("kgpool_http_requests_total",
+                             metric_line + ',code="200"') == posts
+        log = "\n".join(page.log)
+    output = server.output()
+    assert INDEX_TOKEN not in output and cookie["value"] not in output
+    assert INDEX_TOKEN not in log

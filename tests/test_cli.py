@@ -160,13 +160,16 @@ def test_graceful_shutdown_finishes_in_flight(sig: int) -> None:
     assert server.stop(sig) == 0
 
 
-def test_kernels_exit_when_the_server_is_killed() -> None:
+def test_kernels_exit_when_the_server_is_killed(tmp_path: Path) -> None:
     """Even SIGKILL of kgpool leaves no kernel: ipykernel watches its parent (JPY_PARENT_PID)."""
-    server = Server(EXAMPLE, "--kernels", "2").start()
+    # a SIGKILLed kgpool cannot remove its runtime folder (connection files): not in /tmp
+    server = Server(EXAMPLE, "--kernels", "2", env={"TMPDIR": str(tmp_path)}).start()
     kernels = server.kernel_pids()
     assert len(kernels) == 2
     assert server.proc is not None
     server.proc.kill()
     server.proc.wait(10)
     assert wait_gone(kernels, timeout=15) == []
-    server.stop()
+    assert len(list(tmp_path.glob("kgpool-*"))) == 1  # nothing of kgpool's ran to remove it
+    server.stop()  # which removes it then (tests/conftest.py): it held the kernels' keys
+    assert not list(tmp_path.glob("kgpool-*"))

@@ -53,3 +53,22 @@ def test_kernels_never_inherit_a_secret() -> None:
 def test_replace_revalidates() -> None:
     with pytest.raises(ConfigError):
         settings().replace(kernels=0)
+
+
+@pytest.mark.parametrize("text,size", [
+    ("", 0), ("512", 512 * 2**20), ("512M", 512 * 2**20), ("1.5G", 3 * 2**29),
+    ("2GiB", 2 * 2**30), ("300mb", 300 * 2**20), ("64k", 64 * 2**10), (" 1 T ", 2**40)])
+def test_kernel_memory_sizes(text: str, size: int) -> None:
+    assert settings(max_kernel_memory=text).kernel_memory_limit == size
+
+
+@pytest.mark.parametrize("text", ["lots", "-1G", "0", "1.5X", "G"])
+def test_bad_kernel_memory_sizes_name_the_flag(text: str) -> None:
+    with pytest.raises(ConfigError, match="--max-kernel-memory"):
+        settings(max_kernel_memory=text)
+
+
+def test_fork_needs_the_direct_channel() -> None:
+    with pytest.raises(ConfigError, match="--fork serves through the direct channel"):
+        settings(fork=True, channel="jupyter")
+    assert settings(fork=True).fork

@@ -126,6 +126,7 @@ def test_prespawned_kernels_take_requests_in_turn(config_dir: Path) -> None:
         assert {a.status for a in answers} == {200} and len({a.text for a in answers}) == 3
 
 
+@pytest.mark.no_fork  # kgpool does not treat the notebook as Python: --fork refuses it
 def test_forced_kernel_serves_a_notebook_of_an_unknown_language(config_dir: Path) -> None:
     with KGServer(API, seed("kg_unknown_kernel.ipynb"),
                   "--KernelGatewayApp.force_kernel_name=python3",
@@ -311,6 +312,7 @@ def test_ready_only_when_every_kernel_is_warm(tmp_path: Path) -> None:
         server.stop()
 
 
+@pytest.mark.no_fork  # one template warms; its workers are all ready at once
 def test_ready_kernels_lowers_the_bar(tmp_path: Path) -> None:
     server = Server(NOTEBOOKS / "staggered.ipynb", "--kernels", "3", "--ready-kernels", "1",
                     env={"KGPOOL_TEST_FLAG": str(tmp_path / "first")}).start(ready=False)

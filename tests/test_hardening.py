@@ -87,6 +87,8 @@ def bodies(draw: st.DrawFn) -> bytes:
         max_leaves=30))).encode()
 
 
+# hypothesis warns when it shortens the repr of a large generated body for its report
+@pytest.mark.filterwarnings("ignore:Generating overly large repr")
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(method=METHODS, path=PATHS, ctype=TYPES, body=bodies(),
        query=st.lists(st.tuples(st.text(max_size=10), st.text(max_size=10)), max_size=5))
@@ -208,6 +210,7 @@ def test_a_crash_loop_backs_off() -> None:
         assert server.get("/pid").status == 200
 
 
+@pytest.mark.no_fork  # one template warms, whatever the pool's size
 def test_warm_ups_are_bounded(tmp_path: Path) -> None:
     trace = tmp_path / "warmups"
     with Server(NOTEBOOKS / "warmup_log.ipynb", "--kernels", "3", "--warmup-concurrency", "1",

@@ -4,6 +4,7 @@ The corpus (tests/notebooks/parity.ipynb, written by make_parity_notebook.py) ho
 notebook authors write them. Each endpoint is called once, in notebook order, on a server with
 `--channel direct` and one with `--channel jupyter` (one kernel each, so state that cells leave
 behind is the same on both), with the same request; status, headers and body must be equal.
+A third server runs --fork: a worker forked from a template must answer as the Jupyter channel.
 KGPOOL_PARITY_NOTEBOOK=path runs another corpus the same way. A few answers are also checked
 against what Jupyter and Kernel Gateway give, so that both channels cannot be wrong alike.
 """
@@ -47,10 +48,14 @@ def answer(resp: Response) -> tuple[int, dict[str, str], bytes]:
 
 @pytest.fixture(scope="module")
 def answers() -> Iterator[dict[str, dict[str, tuple[int, dict[str, str], bytes]]]]:
-    """{"METHOD /path": {"direct": answer, "jupyter": answer}}, in notebook order."""
+    """{"METHOD /path": {"direct": answer, "jupyter": answer, "fork": answer}}, in notebook
+    order; "fork" is a worker forked from a template (--fork, the direct channel)."""
     notebook = load_notebook(CORPUS)
-    servers = {channel: Server(CORPUS, "--kernels", "1", "--channel", channel,
-                               "--timeout", "30") for channel in ("direct", "jupyter")}
+    modes = {"direct": ("--channel", "direct", "--no-fork"),
+             "jupyter": ("--channel", "jupyter", "--no-fork"),
+             "fork": ("--channel", "direct", "--fork")}
+    servers = {mode: Server(CORPUS, "--kernels", "1", "--timeout", "30", *flags)
+               for mode, flags in modes.items()}
     started: list[Server] = []
     try:
         for server in servers.values():
@@ -88,6 +93,8 @@ def test_cells_the_direct_channel_cannot_run_alike_fall_back_and_the_log_says_wh
     assert "GET /syntax-error runs on the Jupyter channel: " in log
     assert log.count("runs on the Jupyter channel") == 2
     assert answers["GET /await"]["direct"][2] == b"awaited\n"
+    assert LOGS["fork"].count("runs through the shell's run_cell") == 2  # in the worker
+    assert answers["GET /await"]["fork"][2] == b"awaited\n"
 
 
 def test_corpus_is_large_enough(answers: dict[str, dict[str, tuple[int, dict[str, str],
@@ -102,6 +109,17 @@ def test_every_endpoint_answers_the_same_on_both_channels(
         if got["direct"] != got["jupyter"]:
             (ds, dh, db), (js, jh, jb) = got["direct"], got["jupyter"]
             differ.append(f"{key}:\n  direct  {ds} {dh} {db[:300]!r}\n"
+                          f"  jupyter {js} {jh} {jb[:300]!r}")
+    assert not differ, f"{len(differ)} of {len(answers)} differ:\n" + "\n".join(differ)
+
+
+def test_forked_workers_answer_as_the_jupyter_channel(
+        answers: dict[str, dict[str, tuple[int, dict[str, str], bytes]]]) -> None:
+    differ = []
+    for key, got in answers.items():
+        if got["fork"] != got["jupyter"]:
+            (fs, fh, fb), (js, jh, jb) = got["fork"], got["jupyter"]
+            differ.append(f"{key}:\n  fork    {fs} {fh} {fb[:300]!r}\n"
                           f"  jupyter {js} {jh} {jb[:300]!r}")
     assert not differ, f"{len(differ)} of {len(answers)} differ:\n" + "\n".join(differ)
 
@@ -142,7 +160,7 @@ ERRORS = {
 
 
 @pytest.mark.skipif(CORPUS != NOTEBOOKS / "parity.ipynb", reason="another corpus")
-@pytest.mark.parametrize("channel", ["direct", "jupyter"])
+@pytest.mark.parametrize("channel", ["direct", "jupyter", "fork"])
 def test_answers_are_what_jupyter_gives(
         answers: dict[str, dict[str, tuple[int, dict[str, str], bytes]]], channel: str) -> None:
     wrong = []

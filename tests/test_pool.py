@@ -250,11 +250,12 @@ async def test_crashes_beyond_the_budget_wait(monkeypatch: pytest.MonkeyPatch) -
     await pool.start()
     factory.made[0].die()
     await until(lambda: len(factory.made) == 2)  # within the budget: at once
-    factory.made[1].die()
+    factory.made[1].die()  # (right after its warm-up: its task's callbacks have not run)
     await until(lambda: pool.status().starting == 1)
     for _ in range(100):
         await asyncio.sleep(0)
     assert len(factory.made) == 2  # beyond it: waiting its back-off
+    assert pool.status().starting == 1  # the replacement waits; the slot is not given up
     await pool.close()
     assert pool.status().starting == 0
 
@@ -442,4 +443,48 @@ async def test_an_extra_kernel_that_crashes_is_not_replaced_without_demand() -> 
     for _ in range(100):
         await asyncio.sleep(0)
     assert len(factory.made) == 2 and len(pool.members()) == 1  # back to the floor
+    await pool.close()
+
+
+async def test_an_exit_seen_before_its_report_is_still_counted_once() -> None:
+    pool, factory, events = make(1)
+    await pool.start()
+    lease = await pool.acquire()
+    kernel = factory.made[0]
+    kernel.die(-9, tell=False)  # gone; the report (a forked worker's exit status) comes later
+    pool.release(lease)  # release sees it dead: replaced at once
+    await until(lambda: len(factory.made) == 2 and pool.status().idle == 1)
+    kernel.die(-9)  # the report arrives
+    assert events.exits == ["signal 9 (SIGKILL)"] and events.restarts == ["crash"]
+    assert len(factory.made) == 2  # counted, not replaced a second time
+    await pool.close()
+
+
+async def test_recycle_replaces_gracefully_once() -> None:
+    pool, factory, events = make(1)
+    await pool.start()
+    lease = await pool.acquire()
+    old = factory.made[0]
+    pool.recycle(lease, "memory")
+    pool.recycle(lease, "memory")  # already retiring: nothing more
+    await until(lambda: len(factory.made) == 2)
+    assert old.kills == 0 and old.shutdowns == 0  # serves on while its replacement warms
+    pool.release(lease)
+    await until(lambda: old.shutdowns == 1)
+    assert (await pool.acquire()).kernel is factory.made[1]
+    assert events.restarts == ["memory"] and events.exits == []
+    await pool.close()
+
+
+async def test_a_warm_up_that_just_finished_is_not_counted_as_starting() -> None:
+    pool, _, _ = make(1)
+    start = asyncio.create_task(pool.start())
+
+    async def first_request() -> int:
+        lease = await pool.acquire()  # resumes before the warm-up task's done callbacks run
+        pool.release(lease)
+        return pool.status().starting
+
+    assert await first_request() == 0
+    await start
     await pool.close()

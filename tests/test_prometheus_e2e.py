@@ -35,6 +35,7 @@ OUR_ROUTES = {"/ok", "/boom", "/sleep", "unmatched"}
 TIMEOUT = 2.0  # kgpool --timeout of the load test
 BURST_SLEEP = 0.6  # queued request: waits one BURST_SLEEP, runs one: 1.2 s < TIMEOUT
 BURST = 6  # 2 kernels + 1 queue slot accept 3, the rest must be rejected with 503
+FORK = os.environ.get("KGPOOL_FORK", "") not in ("", "0")  # tests/run.sh's fork pass
 
 pytestmark = pytest.mark.skipif(
     shutil.which("prometheus") is None or shutil.which("promtool") is None,
@@ -115,6 +116,16 @@ def kernel_descendants(pid: int) -> set[int]:
         frontier = {p for p, (pp, _, _) in table.items() if pp in frontier}
         found |= frontier
     return {p for p in found if "ipykernel" in table[p][2]}
+
+
+def serving_kernels(pid: int) -> set[int]:
+    """The kernels that serve: with --fork (tests/run.sh's fork pass), the workers, which are
+    the templates' children."""
+    kernels = kernel_descendants(pid)
+    if not FORK:
+        return kernels
+    table = _proc_table()
+    return {p for p in kernels if p in table and table[p][0] in kernels}
 
 
 def alive(pid: int) -> bool:
@@ -295,7 +306,7 @@ def test_prometheus_reads_exact_counts(kgpool: tuple[Process, str], prometheus: 
     assert sample(after, "kgpool_requests_in_flight") == 0
 
     # Kill one idle kernel (a grandchild this test started, by PID): a "crash" restart.
-    victims = sorted(kernel_descendants(server.pid))
+    victims = sorted(serving_kernels(server.pid))
     server.kernels_seen |= set(victims)
     assert len(victims) == 2, victims
     os.kill(victims[0], signal.SIGKILL)
@@ -396,7 +407,9 @@ def test_exposition_follows_contract(tmp_path: Path) -> None:
         server.kernels_seen |= kernel_descendants(server.pid)
         assert get(f"{url}/ok")[0] == 200
         assert get(f"{url}/nope/123")[0] == 404
-        text = scrape(url)
+        # kernel memory is sampled (every 2 s, the first once the pool is warm)
+        text = wait_for("a memory sample", lambda: (t := scrape(url)) and
+                        "kgpool_kernel_memory_bytes{" in t and t, 30, server.proc, server.log)
         problems = obscheck.check_exposition(text)
         assert not problems, "\n".join(problems)
         check = subprocess.run(["promtool", "check", "metrics"], input=text.encode(),

@@ -167,7 +167,7 @@ def test_failing_replacements_make_readyz_fail_and_requests_503(tmp_path: Path) 
     with server:
         assert server.get("/ok", headers=token).status == 200
         flag.write_text("x")
-        os.kill(server.kernel_pids()[0], signal.SIGKILL)
+        os.kill(server.init_kernels()[0], signal.SIGKILL)  # with --fork: the template
         wait_for(lambda: server.get("/readyz").json()["failing"], what="a failed warm-up")
         ready = server.get("/readyz", headers=token).json()
         assert ready["status"] == "not ready"

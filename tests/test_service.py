@@ -20,6 +20,7 @@ from kgpool.service import NotebookService
 
 pytestmark = pytest.mark.timeout(90)
 CHANNEL = os.environ.get("KGPOOL_CHANNEL", "direct")
+FORK = os.environ.get("KGPOOL_FORK", "") not in ("", "0")  # tests/run.sh's fork pass
 
 
 def nb(*cells: str) -> Notebook:
@@ -39,7 +40,7 @@ V2 = nb("import json, os\nVERSION = 2", "# GET /v\nprint(VERSION, os.getpid(), e
 
 @pytest.fixture
 async def service() -> AsyncIterator[NotebookService]:
-    settings = Settings(notebooks=("svc.ipynb",), kernels=2, channel=CHANNEL,
+    settings = Settings(notebooks=("svc.ipynb",), kernels=2, channel=CHANNEL, fork=FORK,
                         max_response_size=1000)
     svc = NotebookService(V1, settings, Metrics(CollectorRegistry()).for_notebook("svc"))
     svc.begin()
@@ -107,7 +108,7 @@ async def test_cell_errors_are_execution_errors(service: NotebookService) -> Non
 
 
 async def test_close_without_begin_and_runtime_folder_removed(tmp_path: Path) -> None:
-    settings = Settings(notebooks=("svc.ipynb",), channel=CHANNEL)
+    settings = Settings(notebooks=("svc.ipynb",), channel=CHANNEL, fork=FORK)
     idle = NotebookService(V1, settings, Metrics(CollectorRegistry()).for_notebook("svc"))
     await idle.close()  # nothing was allocated: nothing to free, no error
     svc = NotebookService(V1, settings, Metrics(CollectorRegistry()).for_notebook("svc"))

@@ -200,7 +200,7 @@ def panels() -> list[Panel]:
                         "desired"),
         timeseries("Kernel restarts by reason",
                    "Kernels replaced per interval: crash, timeout, recycle (planned, "
-                   "--max-requests), init_failed.", "none",
+                   "--max-requests), memory (--max-kernel-memory), init_failed.", "none",
                    [((f"sum by (reason) (increase(kgpool_kernel_restarts_total{{{SEL}}}"
                      f"[$__rate_interval]))"), "{{reason}}")], stack=True, bars=True),
         timeseries("Kernel start time p50 / p99",
@@ -212,6 +212,32 @@ def panels() -> list[Panel]:
                    "Running the notebook's init cells on a fresh kernel, from "
                    "kgpool_init_duration_seconds.", "s",
                    [q for q in quantiles("kgpool_init_duration_seconds") if q[1] != "p90"]),
+        timeseries("Kernel memory",
+                   "Private memory of each kernel slot (what --max-kernel-memory limits; "
+                   "slot=template: the --fork templates) and the kernels' total PSS (what "
+                   "they cost together, shared pages counted once).", "bytes",
+                   [((f'sum by (slot) (kgpool_kernel_memory_bytes{{{SEL}, kind="private"}})'),
+                     "private {{slot}}"),
+                    (f'sum(kgpool_kernel_memory_bytes{{{SEL}, kind="pss"}})', "total pss")],
+                   w=24),
+        unstacked_dashed(timeseries("Elastic pool: floor, wanted, ceiling",
+                   "kgpool_kernels_min (--kernels), kgpool_kernels_desired (what the pool "
+                   "aims at now) and kgpool_kernels_max (--max-kernels), summed over "
+                   "instances.", "none",
+                   [(f"sum(kgpool_kernels_min{{{SEL}}})", "floor"),
+                    (f"sum(kgpool_kernels_desired{{{SEL}}})", "wanted"),
+                    (f"sum(kgpool_kernels_max{{{SEL}}})", "ceiling")], w=8), "ceiling"),
+        timeseries("Pool resizes",
+                   "Kernels added (up: requests waited past --scale-up-delay) or retired "
+                   "(down: idle past --idle-timeout) per interval.", "none",
+                   [((f"sum by (direction, reason) (increase(kgpool_pool_resizes_total"
+                     f"{{{SEL}}}[$__rate_interval]))"), "{{direction}} ({{reason}})")],
+                   stack=True, bars=True, w=8),
+        timeseries("Kernel exits by status",
+                   "Kernels that exited on their own, per interval, by exit status: "
+                   "signal 9 (SIGKILL) is usually the out-of-memory killer.", "none",
+                   [((f"sum by (status) (increase(kgpool_kernel_exits_total{{{SEL}}}"
+                     f"[$__rate_interval]))"), "{{status}}")], stack=True, bars=True, w=8),
 
         row("Process"),
         timeseries("kgpool CPU", "CPU of the kgpool server process (kernels are separate "
@@ -220,6 +246,12 @@ def panels() -> list[Panel]:
                      "{{instance}}")], w=8),
         timeseries("kgpool resident memory", "RSS of the kgpool server process.", "bytes",
                    [(f"process_resident_memory_bytes{{{SEL}}}", "{{instance}}")], w=8),
+        timeseries("Event loop lag p50 / p99",
+                   "How late kgpool's event loop ran its timers (kgpool_event_loop_lag_"
+                   "seconds): high values mean the server process itself is the bottleneck "
+                   "(CPU-bound or blocked), whatever the kernels do.", "s",
+                   [q for q in quantiles("kgpool_event_loop_lag_seconds", sel=SEL)
+                    if q[1] != "p90"], w=8),
         build_info_table(),
     ]
 

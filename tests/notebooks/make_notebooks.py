@@ -270,3 +270,71 @@ write("streaming", [
     "# ResponseInfo GET /styled\nprint(json.dumps({'status': 201, 'headers': {'X-Stream': 'yes'}}))",
     "# GET /quiet\n# kgpool: stream\nx = 1",
 ])
+
+# A data scientist's first hour (issue 17): the mistakes a new notebook makes, and what the log,
+# the answer and `kgpool routes` say about each.
+FIRST_HOUR = [
+    "MD:# First hour",
+    "import json, linecache\nprint('init says hi')",
+    "# POST /predict\nreq = json.loads(REQUEST)\nx = req['body']['x']\nprint(json.dumps({'y': x * 2}))",
+    "# GET /syntax\nprint('a'\nx = 1",
+    "# GET /deep\ndef f(v):\n    return 1 / v\nprint(f(0))",
+    "# GET /cache\nprint(json.dumps([len(linecache.cache), len(get_ipython().compile._filename_map)]))",
+]
+write("first_hour", FIRST_HOUR)
+write("other_kernelspec", ["import json", "# GET /ok\nprint('ok', end='')"],
+      kernel="conda-env-ds-py")
+write("init_syntax", ["import json\nx = (1,", "# GET /ok\nprint('ok', end='')"])
+
+# --fork: init cells run once in a template; the workers forked from it serve. numpy is imported
+# on purpose (OpenBLAS starts native threads: fork mode must not refuse it).
+FORKED = [
+    "import asyncio, json, os, subprocess, sys, time\nimport numpy as np\n"
+    "INIT_RUNS = globals().get('INIT_RUNS', 0) + 1\nTEMPLATE = os.getpid()\n"
+    "DATA = np.arange(1_000_000, dtype=np.float64)\nHOLD = []",
+    "# GET /state\nprint(json.dumps({'init_runs': INIT_RUNS, 'pid': os.getpid(), "
+    "'ppid': os.getppid(), 'template': TEMPLATE, 'random': float(np.random.rand()), "
+    "'sum': float(DATA.sum())}), end='')",
+    "# GET /expr\n6 * 7",
+    "# GET /raise\nprint('lost output')\nraise ValueError('boom')",
+    "# GET /await\nawait asyncio.sleep(0)\nprint('awaited', os.getpid(), end='')",
+    "# GET /await-value\nawait asyncio.sleep(0)\n{'awaited': True}",
+    "# GET /await-raise\nawait asyncio.sleep(0)\nraise KeyError('gone')",
+    "# POST /await-info\nawait asyncio.sleep(0)\nprint(json.loads(REQUEST)['body'], end='')",
+    "# ResponseInfo POST /await-info\nprint(json.dumps({'status': 201, 'headers': "
+    "{'X-Kind': 'await'}}))",
+    "# GET /stderr\nprint('to stderr', file=sys.stderr)\nprint('to stdout', end='')",
+    "# GET /sleep\ntime.sleep(float(json.loads(REQUEST)['args'].get('s', ['0.05'])[0]))\n"
+    "print(os.getpid(), end='')",
+    "# GET /loop\nwhile True:\n    pass",
+    "# GET /hang-with-child\nchild = subprocess.Popen(['sleep', '300'])\n"
+    "with open(json.loads(REQUEST)['args']['file'][0], 'w') as out:\n    out.write(str(child.pid))\n"
+    "while True:\n    time.sleep(0.01)",
+    "# GET /exit\nos._exit(3)",
+    "# GET /grow\nHOLD.append(np.ones(int(json.loads(REQUEST)['args']['mb'][0]) * 2**20 // 8))\n"
+    "print(len(HOLD), os.getpid(), end='')",
+]
+write("forked", FORKED)
+# Init cells that leave a Python thread running: --fork refuses unless --fork-allow-threads.
+write("fork_thread", [
+    "import os, threading\nSTOP = threading.Event()\n"
+    "threading.Thread(target=STOP.wait, name='poller', daemon=True).start()",
+    "# GET /pid\nprint(os.getpid(), end='')",
+])
+# A stand-in for an initialised torch.cuda (no GPU here): what kgpool asks torch, it answers yes.
+write("fork_cuda", [
+    "import os, sys, types\ntorch = types.ModuleType('torch')\n"
+    "torch.cuda = types.SimpleNamespace(is_initialized=lambda: True)\nsys.modules['torch'] = torch",
+    "# GET /pid\nprint(os.getpid(), end='')",
+])
+# Init cells that open a connection and a file: every worker shares them (a warning says so).
+write("fork_fds", [
+    "import os, socket\nLEFT, RIGHT = socket.socketpair()\nLOG = open(os.devnull, 'w')",
+    "# GET /pid\nprint(os.getpid(), LEFT.fileno(), end='')",
+])
+# State made of a million small Python objects, all touched by every request: each worker ends up
+# with a private copy (reference counts), and kgpool warns that --fork saves little.
+write("fork_objects", [
+    "import os\nWORDS = [str(i) for i in range(1_000_000)]",
+    "# GET /touch\nprint(sum(len(w) for w in WORDS), os.getpid(), end='')",
+])
