@@ -2,7 +2,9 @@
 
 Phases: start-to-ready times, a sweep of kernels x concurrency driven by wrk (the two servers
 alternate inside every cell so machine noise hits both), and the raw jupyter_client floor.
-Writes results/latest.{md,png,json}.  Run through run.sh, which builds the virtualenvs.
+Writes results/local/run-<time>.{md,png,json} (untracked); --name latest updates the committed
+results/latest.*.  Says at the start how long the run will take, and at the end how long it
+took.  Run through run.sh, which builds the virtualenvs.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ VENV_BENCH = Path(os.environ.get("KGBENCH_VENV") or HERE / ".venv-bench")  # set
 # kgpool at a baseline commit (KGPOOL_BASE=<commit> bash run.sh), measured in the same rotation
 VENV_BASE = Path(os.environ.get("KGBENCH_BASE_VENV") or HERE / ".venv-bench-base")
 RESULTS = HERE / "results"
+LOCAL = RESULTS / "local"  # a run's results unless --name is given: not in git (.gitignore)
 LOGS = RESULTS / "logs"
 LUA = HERE / "check.lua"
 EXPECTED = '{"convertedAngle": 3.141592653589793}\n'
@@ -84,6 +87,40 @@ DEV_NOTEBOOK = {
 
 def log(msg: str) -> None:
     print(f"[{dt.datetime.now():%H:%M:%S}] {msg}", flush=True)
+
+
+def output_base(name: str | None, kind: str) -> Path:
+    """results/NAME (committed results are only ever written when asked for by name), else a
+    new results/local/KIND-<time>."""
+    if name:
+        return RESULTS / name
+    return LOCAL / f"{kind}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def estimate(args, servers: list[str]) -> dict[str, float]:
+    """Seconds each phase should take on an idle machine, from the options: measured runs plus
+    a start (and stop) per server, warm-ups and floor.py's kernels. Calibrated on this repo's
+    committed runs (2 cores), within 10 %."""
+    skip = set(args.skip.split(","))
+    start = lambda k: 1.5 + 0.3 * k  # noqa: E731  start to all warm, and the stop
+    run = args.duration + 0.1
+    n = len(servers)
+    out = {"setup": 3.0}
+    if "startup" not in skip:
+        out["startup"] = args.startup_reps * n * sum(start(k) for k in args.startup_kernels)
+    if "sweep" not in skip:
+        inline = 0 if "inline-floor" in skip or args.floor_kernels not in args.kernels else \
+            len(set(args.floor_concurrency) & set(args.concurrency))
+        out["sweep"] = (n * sum(start(k) + args.warmup + 0.5 for k in args.kernels)
+                        + len(args.kernels) * len(args.concurrency) * args.rounds * n * run
+                        + inline * args.rounds * (args.duration + 1.5))
+    if "floor" not in skip:
+        out["floor"] = 1.5 + 3 * len(args.floor_concurrency) * (args.floor_duration + 0.2)
+    return out
 
 
 def notebook_path() -> tuple[Path, bool]:
@@ -635,7 +672,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "(kgpool at KGPOOL_BASE), kg; auto = kgpool-direct,kgpool-jupyter,kg when kgpool has "
         "--channel, else kgpool,kg",
     )
-    p.add_argument("--name", default="latest", help="results/NAME.{md,png,json} (default latest)")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="write results/NAME.{md,png,json}: `--name latest` updates the committed results "
+        "(default: results/local/run-<time>.*, not in git)",
+    )
     p.add_argument(
         "--skip",
         default="",
@@ -655,6 +697,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
+    began = time.monotonic()
     args = parse_args(argv)
     shutil.rmtree(LOGS, ignore_errors=True)  # logs of this run only
     LOGS.mkdir(parents=True, exist_ok=True)
@@ -681,6 +724,12 @@ def main(argv: list[str]) -> int:
         f"notebook {result['notebook']}; servers {servers}; kernels {args.kernels}; "
         f"concurrency {args.concurrency}; {args.duration}s per run"
     )
+    planned = estimate(args, servers)
+    log(
+        f"this run takes about {minutes(sum(planned.values()))} on an idle machine ("
+        + ", ".join(f"{phase} {minutes(s)}" for phase, s in planned.items() if phase != "setup")
+        + "); longer when the machine is busy"
+    )
     result["startup"] = [] if "startup" in skip else phase_startup(args, nb, servers)
     result["floor_inline"], result["varied_probe"] = [], []
     result["sweep"], result["kernel_executables"] = (
@@ -696,15 +745,21 @@ def main(argv: list[str]) -> int:
 
     import report  # matplotlib is imported lazily: the sweep must not depend on it
 
-    RESULTS.mkdir(exist_ok=True)
-    name = args.name
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / f"{name}.md").write_text(report.markdown(result))
+    base = output_base(args.name, "run")
+    base.parent.mkdir(parents=True, exist_ok=True)
+    result["estimated_s"] = round(sum(planned.values()))
+    result["seconds"] = round(time.monotonic() - began)
+    base.parent.joinpath(base.name + ".json").write_text(json.dumps(result, indent=1) + "\n")
+    base.parent.joinpath(base.name + ".md").write_text(report.markdown(result))
     try:
-        report.plot(result, RESULTS / f"{name}.png")
+        report.plot(result, base.parent / (base.name + ".png"))
     except Exception as exc:  # noqa: BLE001 - the table is the result; the plot is a view of it
         log(f"plot failed: {exc}")
-    log(f"wrote {RESULTS / name}.md, .png, .json")
+    log(f"wrote {base.relative_to(REPO)}.md, .png, .json")
+    log(
+        f"took {minutes(result['seconds'])} (estimated {minutes(result['estimated_s'])}; "
+        f"load average {result['loadavg_start'][0]:.1f} at the start)"
+    )
     if result["leftover_processes"]:
         log(f"ERROR: processes left behind: {result['leftover_processes']}")
         return 1

@@ -9,7 +9,8 @@
 #                                   # the working tree and a baseline commit, in the same rotation
 # Builds two virtualenvs on first use: .venv-kg (the peer, jupyter_kernel_gateway 3.0.1 + ipykernel)
 # and .venv-bench (kgpool from this repo, editable, + matplotlib). Installs wrk with apt-get if missing.
-# Writes benchmarks/results/latest.{md,png,json}; logs in benchmarks/results/logs/.
+# Writes benchmarks/results/local/run-<time>.{md,png,json} (not in git; --name latest updates the
+# committed results/latest.*); logs in benchmarks/results/logs/. Prints how long the run will take.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(dirname "$HERE")"

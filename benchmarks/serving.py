@@ -19,7 +19,9 @@ the time of the first chunk and of each later one, and whether the words came in
 Gateway (benchmarks/.venv-kg, when present) serves the same notebook for comparison: it sends
 the answer when the cell ends.
 
-Writes results/NAME.{md,json} (default NAME=serving). Nothing here asserts a speed.
+Writes results/local/serving-<time>.{md,json} (not in git); --name serving updates the
+committed results/serving.*. Says at the start how long the run will take (from the options)
+and at the end how long it took. Nothing here asserts a speed.
 """
 
 from __future__ import annotations
@@ -40,9 +42,8 @@ from typing import Any
 import aiohttp
 import nbformat
 import procs
-from bench import LOGS, RESULTS, VENV_BENCH, VENV_KG, free_port, http_get, log
+from bench import LOGS, REPO, VENV_BENCH, VENV_KG, free_port, http_get, log, minutes, output_base
 
-REPO = Path(__file__).resolve().parent.parent
 MODEL = REPO / "deploy" / "notebooks" / "batched_model.ipynb"
 STREAMING = REPO / "deploy" / "notebooks" / "streaming.ipynb"
 INPUTS = 4096  # distinct inputs; request n sends input n % INPUTS
@@ -302,6 +303,20 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def estimate(args: argparse.Namespace) -> dict[str, float]:
+    """Seconds each phase should take on an idle machine, from the options: the model's
+    answers and its kernels' training, warm-ups, the measured runs; each streamed request
+    lasts about a second (five words 200 ms apart)."""
+    skip = set(args.skip.split(","))
+    out = {}
+    if "batching" not in skip:
+        out["batching"] = 8 + 2 * 1.0 + args.rounds * 2 * (args.duration + 0.2)
+    if "streaming" not in skip:
+        servers = 2 if (VENV_KG / "bin" / "python").exists() else 1
+        out["streaming"] = servers * (3 + 2 * args.stream_requests * 1.05)
+    return out
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="bash benchmarks/run.sh serving", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -311,11 +326,17 @@ def main(argv: list[str]) -> int:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--stream-requests", type=int, default=10)
     p.add_argument("--skip", default="", help="batching,streaming")
-    p.add_argument("--name", default="serving", help="results/NAME.{md,json}")
+    p.add_argument("--name", default=None,
+                   help="write results/NAME.{md,json}: `--name serving` updates the committed "
+                   "results (default: results/local/serving-<time>.*, not in git)")
     args = p.parse_args(argv)
     LOGS.mkdir(parents=True, exist_ok=True)
     skip = set(args.skip.split(","))
     began = time.monotonic()
+    planned = estimate(args)
+    log(f"this run takes about {minutes(sum(planned.values()))} on an idle machine ("
+        + ", ".join(f"{phase} {minutes(s)}" for phase, s in planned.items())
+        + "); longer when the machine is busy")
     result: dict[str, Any] = {
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": " ".join(["bash", "benchmarks/run.sh", "serving", *argv]),
@@ -325,11 +346,14 @@ def main(argv: list[str]) -> int:
     if "streaming" not in skip:
         result["streaming"] = phase_streaming(args)
     result["seconds"] = round(time.monotonic() - began, 1)
+    result["estimated_s"] = round(sum(planned.values()))
     result["leftover_processes"] = procs.leftovers()
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(markdown(result))
-    log(f"wrote {RESULTS / args.name}.md and .json in {result['seconds']} s")
+    base = output_base(args.name, "serving")
+    base.parent.mkdir(parents=True, exist_ok=True)
+    base.parent.joinpath(base.name + ".json").write_text(json.dumps(result, indent=1) + "\n")
+    base.parent.joinpath(base.name + ".md").write_text(markdown(result))
+    log(f"wrote {base.relative_to(REPO)}.md and .json; took {minutes(result['seconds'])} "
+        f"(estimated {minutes(result['estimated_s'])})")
     return 1 if result["leftover_processes"] else 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -17,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hygiene import pytest_configure, pytest_sessionfinish, pytest_unconfigure
 
+__all__ = ["pytest_configure", "pytest_sessionfinish", "pytest_unconfigure"]  # pytest's hooks
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = Path(__file__).resolve().parent / "notebooks"
 EXAMPLE = ROOT / "deploy" / "notebooks" / "convert.ipynb"
@@ -81,6 +84,22 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def runtime_folders(kernels: list[int]) -> set[Path]:
+    """kgpool's runtime folders (kgpool-* under TMPDIR: sockets, connection files, the kernels'
+    TMPDIRs), found from the connection file on each kernel's command line."""
+    found = set()
+    for pid in kernels:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for arg in argv:
+            folder = Path(os.fsdecode(arg)).parent
+            if arg.endswith(b".json") and folder.name.startswith("kgpool-"):
+                found.add(folder)
+    return found
+
+
 def wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -113,6 +132,10 @@ class Response:
         return json.loads(self.body)
 
 
+class PortTaken(AssertionError):
+    """The server could not listen: some other process took its free port first."""
+
+
 class Server:
     """`python -m kgpool serve` in a subprocess on a free loopback port."""
 
@@ -131,17 +154,35 @@ class Server:
                     if k != "PYTEST_CURRENT_TEST"}
         self.proc: subprocess.Popen[bytes] | None = None
         self.kernels: list[int] = []
+        self.runtime: set[Path] = set()  # kgpool's own folders, removed here after a SIGKILL
         self._log = b""
 
     def start(self, ready: bool = True, timeout: float = 60.0) -> Server:
-        # A file, not a pipe: a full pipe would block the server's logging mid-test.
-        self._logfile = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(self.args, env=self.env, stdout=self._logfile,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     cwd=self.cwd)
-        if ready:
-            self.wait_ready(timeout)
+        for attempt in range(3):
+            # A file, not a pipe: a full pipe would block the server's logging mid-test.
+            self._logfile = tempfile.TemporaryFile()
+            self.proc = subprocess.Popen(self.args, env=self.env, stdout=self._logfile,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         cwd=self.cwd)
+            if not ready:
+                return self
+            try:
+                self.wait_ready(timeout)
+                return self
+            except PortTaken:
+                if attempt == 2:
+                    raise
+                self.move_port()  # another process took the free port first: another one
         return self
+
+    def move_port(self) -> None:
+        """A new free port, wherever the command line or the environment named the old one."""
+        old, self.port = str(self.port), free_port()
+        new = str(self.port)
+        self.args = [new if a == old else a[:-len(old)] + new
+                     if a.startswith("--") and a.endswith("=" + old) else a for a in self.args]
+        self.env = {k: new if v == old and k.endswith("PORT") else v
+                    for k, v in self.env.items()}
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -150,12 +191,15 @@ class Server:
             if self.proc.poll() is not None:
                 log = self.output()
                 self._logfile.close()
-                raise AssertionError(f"server exited {self.proc.returncode}: {log}")
+                taken = f", {self.port}): address already in use" in log
+                raise (PortTaken if taken else AssertionError)(
+                    f"server exited {self.proc.returncode}: {log}")
             try:
                 ready = self.request("GET", self.base + "/_kgpool/readyz", timeout=2)
                 # ready serves once one kernel is warm; tests start when all of them are
                 if ready.status == 200 and ready.json()["kernels"]["starting"] == 0:
                     self.kernels = kernel_children(self.proc.pid)
+                    self.runtime |= runtime_folders(self.kernels)
                     return
             except OSError:
                 pass
@@ -214,14 +258,16 @@ class Server:
         """Signal the server, wait for it, and check that no kernel it ever had survives."""
         assert self.proc is not None
         seen = set(self.kernels) | set(kernel_children(self.proc.pid))
+        self.runtime |= runtime_folders(sorted(seen))
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            self.kill()
             raise AssertionError("server did not stop after " + signal.Signals(sig).name) from None
+        if code == -signal.SIGKILL:  # nothing of kgpool's ran to remove its folder
+            self.remove_runtime()
         self.output()
         if not self._logfile.closed:
             self._logfile.close()
@@ -230,6 +276,24 @@ class Server:
             os.kill(pid, signal.SIGKILL)
         assert not left, f"kernel processes outlived the server: {left}"
         return code
+
+    def kill(self) -> None:
+        """SIGKILL, and remove what kgpool could not: its runtime folder (the keys of its
+        kernels' connection files), once its kernels, which watch it, are gone too."""
+        assert self.proc is not None
+        kids = kernel_children(self.proc.pid)
+        self.kernels = sorted(set(self.kernels) | set(kids))
+        self.runtime |= runtime_folders(kids)
+        self.proc.kill()
+        self.proc.wait()
+        self.remove_runtime()
+
+    def remove_runtime(self) -> None:
+        wait_gone(self.kernels, timeout=10)
+        for folder in self.runtime:
+            shutil.rmtree(folder, ignore_errors=True)
+            if folder.parent.name.startswith("kgpool-tmp-"):  # the private TMPDIR of sealing
+                shutil.rmtree(folder.parent, ignore_errors=True)
 
     def output(self) -> str:
         """Everything the server has logged so far."""
@@ -243,8 +307,7 @@ class Server:
             return self.start()
         except BaseException:  # never leave a half-started server (and its kernels) behind
             if self.proc is not None and self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
+                self.kill()
             if not self._logfile.closed:
                 self._logfile.close()
             raise

@@ -244,6 +244,7 @@ def test_idle_keepalive_connections_make_room_for_new_ones() -> None:
                 conn.close()
 
 
+@pytest.mark.channel_independent  # settled at start-up: no request reaches a kernel
 def test_descriptor_limit_is_raised_to_fit_the_connection_limit() -> None:
     if shutil.which("prlimit") is None:
         pytest.skip("no prlimit to start kgpool with a low descriptor limit")

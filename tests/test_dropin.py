@@ -13,6 +13,7 @@ import os
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -203,7 +204,7 @@ def test_seed_uri_over_http_is_fetched_once(tmp_path: Path) -> None:
             assert spec["info"]["title"] == "remote"
             fetched = [line for line in server.output().splitlines() if "kgpool-seed-" in line]
         assert fetched, "the log names where the notebook was saved"
-        left = [p for p in Path("/tmp").glob("kgpool-seed-*")]
+        left = list(Path(tempfile.gettempdir()).glob("kgpool-seed-*"))
         assert not left, f"the downloaded notebook outlived the server: {left}"
     finally:
         httpd.shutdown()
@@ -248,6 +249,7 @@ def test_near_miss_cells_run_at_warm_up_with_warnings() -> None:
         assert "#GET /tight" not in index
 
 
+@pytest.mark.channel_independent  # refused before any kernel starts
 def test_near_miss_cells_refused_with_strict() -> None:
     out = subprocess.run([sys.executable, "-m", "kgpool", "serve", "--strict",
                           str(NOTEBOOKS / "near_misses.ipynb")], capture_output=True, text=True,
@@ -256,6 +258,7 @@ def test_near_miss_cells_refused_with_strict() -> None:
     assert "cell 2 ('#GET /tight')" in out.stderr and "--strict" in out.stderr
 
 
+@pytest.mark.channel_independent  # no kernel
 def test_routes_lists_the_warnings() -> None:
     out = subprocess.run([sys.executable, "-m", "kgpool", "routes",
                           str(NOTEBOOKS / "near_misses.ipynb")], capture_output=True,

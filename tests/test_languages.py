@@ -35,7 +35,10 @@ from kgpool.languages import (
     read_report,
 )
 
-pytestmark = pytest.mark.timeout(180)
+# --channel is about Python kernels (the direct channel is Python's): these kernels are always
+# served on the Jupyter channel, and the Python tests here choose their channel themselves, so
+# the KGPOOL_CHANNEL=jupyter pass of tests/run.sh skips the module.
+pytestmark = [pytest.mark.timeout(180), pytest.mark.channel_independent]
 TIMEOUT = 4  # the shared servers' --timeout: /sleep?s=60 runs into it
 
 
@@ -440,9 +443,10 @@ def test_forced_ipc_fails_fast_and_clean_for_a_tcp_only_kernel() -> None:
     server.stop()
 
 
-def test_forced_tcp_for_python() -> None:
+@pytest.mark.parametrize("channel", ["direct", "jupyter"])
+def test_forced_tcp_for_python(channel: str) -> None:
     with Server(NOTEBOOKS / "fakelang.ipynb", "--kernel-name", "python3",
-                "--transport", "tcp") as server:
+                "--transport", "tcp", "--channel", channel) as server:
         assert server.get("/hello?name=tcp").text == "hello tcp"
         assert server.proc is not None
         assert {transport_of(k) for k in kernels_of(server.proc.pid)} == {"tcp"}

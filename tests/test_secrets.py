@@ -92,7 +92,9 @@ def nobody() -> Iterator[Unprivileged]:
         paths = sysconfig.get_paths()
         env = {**os.environ, "HOME": str(home), "PYTHONPATH": os.pathsep.join(
             [str(ROOT), paths["purelib"], paths["platlib"]])}
-        env.pop("JUPYTER_RUNTIME_DIR", None)
+        for name in ("JUPYTER_RUNTIME_DIR", "JUPYTER_CONFIG_DIR", "IPYTHONDIR", "MPLCONFIGDIR",
+                     "OCTAVE_HISTFILE"):  # the suite's (tests/hygiene.py): root's folders
+            env.pop(name, None)
         version = f"python{sys.version_info.major}.{sys.version_info.minor}"
         candidates = [sys.executable, os.path.realpath(sys.executable), f"/usr/bin/{version}",
                       f"/usr/local/bin/{version}"]

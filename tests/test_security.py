@@ -50,6 +50,7 @@ def test_probes_and_metrics_stay_open(guarded: Server) -> None:
     assert guarded.get("/_api/spec/swagger.json").status == 401
 
 
+@pytest.mark.channel_independent  # kgpool's own endpoints only: no request reaches a kernel
 def test_metrics_can_be_protected() -> None:
     with Server(FUZZ, "--metrics-auth", env={"KGPOOL_AUTH_TOKEN": TOKEN}) as server:
         assert server.get("/metrics").status == 401
