@@ -16,12 +16,12 @@ from kgpool.kernel import Kernel
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.channel_independent]
 CELLS = [
-    ("import os\nprint(REQUEST, end='')", None, False),
-    ("x = json.loads(REQUEST)\n1 + 1", "print('{\"status\": 201}')", False),
-    ("import asyncio\nawait asyncio.sleep(0)", None, False),  # top-level await: the Jupyter channel
-    ("print('y' * 200000, end='')", None, False),
-    ("raise ValueError('bad')", None, False),
-    ("import os\nos._exit(3)", None, False),
+    ("import os\nprint(REQUEST, end='')", None),
+    ("x = json.loads(REQUEST)\n1 + 1", "print('{\"status\": 201}')"),
+    ("import asyncio\nawait asyncio.sleep(0)", None),  # top-level await: the Jupyter channel
+    ("print('y' * 200000, end='')", None),
+    ("raise ValueError('bad')", None),
+    ("import os\nos._exit(3)", None),
 ]
 
 
