@@ -222,6 +222,15 @@ class Version:
                    {(ep.method, ep.path): (i, ep) for i, ep in enumerate(notebook.endpoints)})
 
 
+_SUN_PATH = 107  # bytes of a Unix socket's path (sun_path less its NUL), on Linux
+
+
+def sockets_fit(folder: str) -> bool:
+    """Whether the kernels' and the direct channel's socket names fit below `folder`."""
+    longest = os.path.join(folder, f"d{'0' * 12}.sock")  # "k<12 hex>-<port>" is shorter
+    return len(os.fsencode(longest)) <= _SUN_PATH
+
+
 class NotebookService:
     def __init__(self, notebook: Notebook, settings: Settings, metrics: NotebookMetrics, *,
                  path: Path | None = None, kernels: int | None = None,
@@ -254,6 +263,7 @@ class NotebookService:
         self._batchers: dict[Key, Batcher] = {}
         self._context: zmq.asyncio.Context | None = None
         self._ipc_dir: str | None = None
+        self._sockets_fit = True
         self._warm: asyncio.Task[None] | None = None
         self._memory: asyncio.Task[None] | None = None
         self._runs: set[asyncio.Task[Any]] = set()
@@ -276,6 +286,15 @@ class NotebookService:
                 + ("the disk is full (or TMPDIR is not writable)" if full else str(exc))
             ) from None
         self.channels.folder = self._ipc_dir
+        self._sockets_fit = sockets_fit(self._ipc_dir)
+        if not self._sockets_fit:
+            message = (f"the runtime folder {self._ipc_dir} is too long a path for Unix "
+                       "sockets (TMPDIR is long)")
+            if self.settings.fork:
+                shutil.rmtree(self._ipc_dir, ignore_errors=True)
+                raise ConfigError(f"{message}: --fork needs them; set a shorter TMPDIR")
+            log.warning("%s: kernels use loopback TCP and the Jupyter channel; a shorter "
+                        "TMPDIR gives them IPC and the direct channel", message)
         self._context = zmq.asyncio.Context()
         if self.settings.fork:
             self._forker = Forker(self._warm_template, self._cells, ipc_dir=self._ipc_dir,
@@ -363,7 +382,8 @@ class NotebookService:
         kernel = Kernel(version.kernel_name, context=self._context,
                         label="template" if template else f"slot {slot}", on_death=on_death,
                         cwd=self._cwd,
-                        ipc_dir=self._ipc_dir if version.transport == "ipc" else None,
+                        ipc_dir=self._ipc_dir if version.transport == "ipc" and
+                        self._sockets_fit else None,
                         runtime_dir=self._ipc_dir, env=self._env, offload=self._offload,
                         tmp_dir=os.path.join(self._ipc_dir, f"t{uuid.uuid4().hex[:12]}"))
         cell = None
@@ -437,7 +457,8 @@ class NotebookService:
         return cast(Kernel, worker)  # the pool uses only the kernel interface it implements
 
     async def _open_direct(self, kernel: Kernel, version: Version) -> None:
-        if self.settings.channel != "direct" or version.language.name != "python":
+        if self.settings.channel != "direct" or version.language.name != "python" or \
+                not self._sockets_fit:
             return
         assert self._ipc_dir is not None
         path = os.path.join(self._ipc_dir, f"d{uuid.uuid4().hex[:12]}.sock")

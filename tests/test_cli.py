@@ -160,6 +160,21 @@ def test_graceful_shutdown_finishes_in_flight(sig: int) -> None:
     assert server.stop(sig) == 0
 
 
+def test_a_tmpdir_too_long_for_unix_sockets_still_serves(tmp_path: Path) -> None:
+    """Unix socket paths stop at 107 bytes: below a long TMPDIR the kernels go over TCP and
+    the Jupyter channel, said in the log, instead of failing to start."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    server = Server(EXAMPLE, "--kernels", "1", env={"TMPDIR": str(deep)}).start()
+    try:
+        response = server.get("/convert?angle=180")
+        assert response.status == 200
+        assert response.json() == {"convertedAngle": 3.141592653589793}
+        assert "too long a path for Unix sockets" in server.output()
+    finally:
+        server.stop()
+
+
 def test_kernels_exit_when_the_server_is_killed(tmp_path: Path) -> None:
     """Even SIGKILL of kgpool leaves no kernel: ipykernel watches its parent (JPY_PARENT_PID)."""
     # a SIGKILLed kgpool cannot remove its runtime folder (connection files): not in /tmp
