@@ -12,6 +12,7 @@ stdout capture (kgpool/_inkernel_io.py, see `python_setup`).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import struct
@@ -84,18 +85,101 @@ def _oversized(size: int) -> ExecutionResult:
     return ExecutionResult(idle=True, replied=True, size=size)
 
 
+class _Frames(asyncio.Protocol):
+    """The channel's socket, read as frames (a 4-byte length and the JSON) as they arrive: a
+    call waits on one future, with no reader task per call. A frame past `most` bytes is
+    skipped as it streams in and given as its size."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.most = 0
+        self._buffer = bytearray()
+        self._need = _HEADER.size  # bytes the next step waits for
+        self._size: int | None = None  # the current frame's, once its header is in
+        self._skip = 0  # bytes of an oversized frame still to drop
+        self._ready: collections.deque[bytes | int] = collections.deque()
+        self._waiter: asyncio.Future[bytes | int] | None = None
+        self._error: BaseException | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        while True:
+            if self._skip:  # an oversized frame: drop what came of it
+                dropped = min(self._skip, len(self._buffer))
+                del self._buffer[:dropped]
+                self._skip -= dropped
+                if self._skip:
+                    return
+                self._deliver(self._size or 0)
+                self._size, self._need = None, _HEADER.size
+            if len(self._buffer) < self._need:
+                return
+            if self._size is None:
+                self._size = _HEADER.unpack_from(self._buffer)[0]
+                del self._buffer[:_HEADER.size]
+                if self.most and self._size > self.most:
+                    self._skip = self._size
+                else:
+                    self._need = self._size
+                continue
+            frame = bytes(self._buffer[:self._size])
+            del self._buffer[:self._size]
+            self._size, self._need = None, _HEADER.size
+            self._deliver(frame)
+
+    def _deliver(self, frame: bytes | int) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(frame)
+            self._waiter = None
+        else:
+            self._ready.append(frame)
+
+    def fail(self, error: BaseException) -> None:
+        """No frame comes any more: the waiting call (and every later one) gets `error`."""
+        if self._error is None:
+            self._error = error
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(self._error)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(ConnectionResetError("the kernel closed the direct channel")
+                  if exc is None else exc)
+
+    def next(self) -> asyncio.Future[bytes | int]:
+        """The next frame (or oversized frame's size), as a future."""
+        future: asyncio.Future[bytes | int] = asyncio.get_running_loop().create_future()
+        if self._ready:
+            future.set_result(self._ready.popleft())
+        elif self._error is not None:
+            future.set_exception(self._error)
+        else:
+            self._waiter = future
+        return future
+
+
 class DirectChannel:
     """A connection to one kernel's compiled endpoints; every wait also watches the kernel."""
 
-    def __init__(self, kernel: Kernel, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter, refused: dict[str, str],
+    def __init__(self, kernel: Kernel, frames: _Frames, refused: dict[str, str],
                  offload: Offload) -> None:
         # Not the kernel itself: callers key channels by kernel in a WeakKeyDictionary.
         self._label, self._died = kernel.label, kernel.died
         self.refused = {int(k): v for k, v in refused.items()}
-        self._reader, self._writer = reader, writer
+        self._frames = frames
         self._offload = offload
-        self._died.add_done_callback(lambda _: self.close())
+        self._died.add_done_callback(self._on_died)
+
+    @classmethod
+    async def connect(cls, kernel: Kernel, path: str, refused: dict[str, str],
+                      offload: Offload) -> DirectChannel:
+        """The channel of a kernel whose compiled endpoints listen at `path`."""
+        _, frames = await asyncio.get_running_loop().create_unix_connection(_Frames, path)
+        return cls(kernel, frames, refused, offload)
 
     @classmethod
     async def open(cls, kernel: Kernel, path: str, cells: list[tuple[str, str | None]],
@@ -104,9 +188,12 @@ class DirectChannel:
         if result.error is not None:
             raise KernelError(f"direct channel install failed: {result.error.get('ename')}: "
                               f"{result.error.get('evalue')}")
-        refused = json.loads(result.text)
-        reader, writer = await asyncio.open_unix_connection(path)
-        return cls(kernel, reader, writer, refused, offload or Offload())
+        return await cls.connect(kernel, path, json.loads(result.text), offload or Offload())
+
+    def _on_died(self, died: asyncio.Future[KernelDied]) -> None:
+        self.close()
+        if not died.cancelled():
+            self._frames.fail(died.result())
 
     def serves(self, index: int) -> bool:
         return index not in self.refused
@@ -118,8 +205,8 @@ class DirectChannel:
         ResponseInfo result). A reply far past `limit` characters is skipped unread (escaping
         inflates it at most 6-fold), so it never has to be held whole."""
         size = len(request or "") + sum(map(len, batch or ()))
-        self._writer.write(await self._offload.run(size, call_frame, index, request, batch))
-        data = await self._next(6 * limit + 65536 if limit else 0)
+        self._send(await self._offload.run(size, call_frame, index, request, batch), limit)
+        data = await self._next()
         if isinstance(data, int):
             return _oversized(data), None
         info = data.get("i")
@@ -129,10 +216,10 @@ class DirectChannel:
                      ) -> AsyncIterator[tuple[str, Any]]:
         """A streamed call: ("head", ResponseInfo result) first if the endpoint has one, then
         ("message", (msg_type, content)) as the cell publishes, then ("end", its result)."""
-        self._writer.write(await self._offload.run(len(request), call_frame, index, request,
-                                                   None, True))
+        self._send(await self._offload.run(len(request), call_frame, index, request, None,
+                                           True), limit)
         while True:
-            data = await self._next(6 * limit + 65536 if limit else 0)
+            data = await self._next()
             if isinstance(data, int):
                 yield "end", _oversized(data)
                 return
@@ -144,40 +231,32 @@ class DirectChannel:
                 yield "end", _result(data["c"], limit)
                 return
 
-    async def _next(self, most: int) -> dict[str, Any] | int:
-        """The next frame, watching the kernel's life."""
-        reply = asyncio.ensure_future(self._read(most))
-        died = self._died
-        waits: list[asyncio.Future[Any]] = [reply, died]
+    def _send(self, frame: bytes, limit: int) -> None:
+        transport = self._frames.transport
+        if transport is None or transport.is_closing():
+            if self._died.done():
+                raise self._died.result()
+            raise KernelDied(f"{self._label}: direct channel closed")
+        self._frames.most = 6 * limit + 65536 if limit else 0
+        transport.write(frame)
+
+    async def _next(self) -> dict[str, Any] | int:
+        """The next frame, watching the kernel's life (its death fails the wait)."""
         try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not reply.done():  # kernel died, or our deadline cancelled us
-                reply.cancel()
-        if reply.cancelled():
-            raise died.result()
-        try:
-            data = reply.result()
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            frame = await self._frames.next()
+        except ConnectionError as exc:
             # The socket closes as the process dies; let the pidfd watch say so first.
+            died = self._died
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(died), 2.0)
             if died.done():
                 raise died.result() from None
             raise KernelDied(f"{self._label}: direct channel closed: {exc}") from None
-        return data
-
-    async def _read(self, most: int) -> dict[str, Any] | int:
-        """The next reply, or the size of one past `most` bytes, which is skipped."""
-        size = _HEADER.unpack(await self._reader.readexactly(_HEADER.size))[0]
-        if most and size > most:
-            left = size
-            while left:
-                left -= len(await self._reader.readexactly(min(left, 1 << 20)))
-            return int(size)
-        data = await self._reader.readexactly(size)  # as ipykernel packs messages:
-        return await self._offload.run(size, loads, data)  # type: ignore[no-any-return]
+        if isinstance(frame, int):
+            return frame
+        return await self._offload.run(len(frame), loads, frame)  # type: ignore[no-any-return]
 
     def close(self) -> None:
-        if not self._writer.is_closing():
-            self._writer.close()
+        transport = self._frames.transport
+        if transport is not None and not transport.is_closing():
+            transport.close()

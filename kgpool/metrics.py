@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import platform
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import (
     REGISTRY,
@@ -24,6 +25,7 @@ from .pool import PoolStatus
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _LAG = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_CHILD_CACHE = 4096  # label children kept for the hot path (routes x methods x statuses)
 _STARTUP = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 RESTART_REASONS = ("crash", "timeout", "recycle", "init_failed", "reload", "cancelled",
                    "memory")
@@ -135,6 +137,7 @@ class Metrics:
                      ["version", "python"], registry=registry)
         info.labels(__version__, platform.python_version()).set(1)
         self._source: StatusSource | None = None
+        self._answered: dict[tuple[str, str, str, int], tuple[Any, Any]] = {}
         registry.register(_PoolCollector(lambda: self._source))
         if registry is not REGISTRY:  # the default one has the process collectors already
             ProcessCollector(registry=registry)
@@ -157,8 +160,16 @@ class Metrics:
 
     def answered(self, notebook: str, route: str, method: str, code: int,
                  seconds: float) -> None:
-        self.requests.labels(notebook, route, method, str(code)).inc()
-        self.duration.labels(notebook, route, method).observe(seconds)
+        key = (notebook, route, method, code)
+        children = self._answered.get(key)
+        if children is None:  # labels() once per series, not per request
+            if len(self._answered) >= _CHILD_CACHE:
+                self._answered.clear()
+            children = self._answered[key] = (
+                self.requests.labels(notebook, route, method, str(code)),
+                self.duration.labels(notebook, route, method))
+        children[0].inc()
+        children[1].observe(seconds)
 
 
 class NotebookMetrics:
@@ -168,6 +179,8 @@ class NotebookMetrics:
         self.name = name
         self._m = metrics
         self._memory_slots: set[str] = set()
+        self._queue_wait = metrics.queue_wait.labels(name)
+        self._executed: dict[str, Any] = {}
         for reason in RESTART_REASONS:  # zero series exist before the first event
             metrics.restarts.labels(name, reason)
         for reason in REJECT_REASONS:
@@ -197,7 +210,7 @@ class NotebookMetrics:
         self._m.resizes.labels(self.name, direction, reason).inc()
 
     def queue_waited(self, seconds: float) -> None:
-        self._m.queue_wait.labels(self.name).observe(seconds)
+        self._queue_wait.observe(seconds)
 
     def kernel_warmed(self, start_seconds: float, init_seconds: float) -> None:
         self._m.kernel_start.labels(self.name).observe(start_seconds)
@@ -207,7 +220,12 @@ class NotebookMetrics:
         self._m.batch_size.labels(self.name, route).observe(size)
 
     def executed(self, route: str, seconds: float) -> None:
-        self._m.execution.labels(self.name, route).observe(seconds)
+        child = self._executed.get(route)
+        if child is None:
+            if len(self._executed) >= _CHILD_CACHE:
+                self._executed.clear()
+            child = self._executed[route] = self._m.execution.labels(self.name, route)
+        child.observe(seconds)
 
     def rejected_request(self, reason: str) -> None:
         self._m.rejected.labels(self.name, reason).inc()

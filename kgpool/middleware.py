@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import random
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -101,14 +101,26 @@ def client_address(request: web.Request, trust_xheaders: bool) -> str:
     return request.remote or ""
 
 
+def new_request_id() -> str:
+    """An id for a request that brought none: 128 random bits as hex, as uuid4().hex reads
+    (ids tell requests apart in logs; they guard nothing, so no system entropy per request)."""
+    return f"{random.getrandbits(128):032x}"
+
+
+def _given_id(value: str) -> bool:
+    return 0 < len(value) <= 128 and value.isascii() and value.isprintable()
+
+
 def access(metrics: Metrics, locate: Locator, trust_xheaders: bool) -> Any:
-    """One log line and one metrics sample per request; operational paths are not counted."""
+    """One log line and one metrics sample per request; operational paths are not counted.
+    The line's record is made directly (no caller lookup: the access log's origin is always
+    this function) and only when the level lets it through."""
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.monotonic()
         request_id = request.headers.get("X-Request-ID", "")
-        if not (0 < len(request_id) <= 128 and request_id.isascii() and request_id.isprintable()):
-            request_id = uuid.uuid4().hex  # none given, or nothing fit for logs and headers
+        if not _given_id(request_id):
+            request_id = new_request_id()  # none given, or nothing fit for logs and headers
         request[CALL] = info = CallInfo(request_id=request_id)
         op = locate(request).op
         if op is None:
@@ -127,22 +139,31 @@ def access(metrics: Metrics, locate: Locator, trust_xheaders: bool) -> Any:
                 metrics.in_flight.dec()
                 metrics.answered(request.get(NOTEBOOK, ""), route, request.method, status,
                                  elapsed)
-            remote = client_address(request, trust_xheaders)
-            access_log.log(
-                logging.DEBUG if op else logging.INFO,  # probes and scrapes would drown it
-                "%s %s %d %.1fms route=%s queue=%.1fms slot=%s remote=%s id=%s%s",
-                request.method, request.path, status, elapsed * 1000, route,
-                info.queue_wait * 1000, info.slot, remote, request_id,
-                f" batch={info.batch}" if info.batch else "",
-                extra={"request_id": request_id, "method": request.method, "route": route,
-                       "notebook": request.get(NOTEBOOK, ""), "remote": remote,
-                       "status": status, "duration_ms": round(elapsed * 1000, 3),
-                       "queue_wait_ms": round(info.queue_wait * 1000, 3),
-                       "kernel_slot": info.slot, "kernel_pid": info.kernel_pid,
-                       "batch": info.batch})
+            level = logging.DEBUG if op else logging.INFO  # probes and scrapes would drown it
+            if access_log.isEnabledFor(level):
+                log_access(request, level, status, elapsed, route, info,
+                           client_address(request, trust_xheaders))
         response.headers["X-Request-ID"] = request_id
         return response
     return middleware
+
+
+def log_access(request: web.Request, level: int, status: int, elapsed: float, route: str,
+               info: CallInfo, remote: str) -> None:
+    """The access log's line for one request, every field also as a record attribute."""
+    method, request_id = request.method, info.request_id
+    record = access_log.makeRecord(
+        access_log.name, level, __file__, 0,
+        "%s %s %d %.1fms route=%s queue=%.1fms slot=%s remote=%s id=%s%s",
+        (method, request.path, status, elapsed * 1000, route, info.queue_wait * 1000,
+         info.slot, remote, request_id, f" batch={info.batch}" if info.batch else ""),
+        None, "access",
+        {"request_id": request_id, "method": method, "route": route,
+         "notebook": request.get(NOTEBOOK, ""), "remote": remote, "status": status,
+         "duration_ms": round(elapsed * 1000, 3),
+         "queue_wait_ms": round(info.queue_wait * 1000, 3), "kernel_slot": info.slot,
+         "kernel_pid": info.kernel_pid, "batch": info.batch})
+    access_log.handle(record)
 
 
 @web.middleware

@@ -86,7 +86,8 @@ class Worker:
         return not poll.poll(0)
 
     async def connect(self, path: str, offload: Offload) -> None:
-        connect = asyncio.ensure_future(asyncio.open_unix_connection(path))
+        connect = asyncio.ensure_future(DirectChannel.connect(
+            self, path, {}, offload))  # type: ignore[arg-type]
         waits: list[asyncio.Future[Any]] = [connect, self._died]
         try:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -97,8 +98,7 @@ class Worker:
                 os.unlink(path)  # the listening socket lives on in the worker
         if self._died.done() and not connect.done():
             raise self._died.result()
-        reader, writer = connect.result()
-        self.channel = DirectChannel(self, reader, writer, {}, offload)  # type: ignore[arg-type]
+        self.channel = connect.result()
 
     def _exited(self) -> None:
         if self._pidfd is not None:

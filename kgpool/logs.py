@@ -1,0 +1,65 @@
+"""The log handler of `kgpool serve`: lines formatted at once, written once per loop turn.
+
+Every request logs a line; written one by one that is a write(2) per request on the event
+loop, the most frequent system call after the request's own. Records logged on the event
+loop's thread are formatted at once (their fields are read when they happen) and their lines
+are written together when the loop turn ends, in the order they were logged; records from
+other threads, and everything once no loop runs, are written at once. Nothing is held past
+the current turn of the loop, and flush() (logging's shutdown at exit) writes what is
+pending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import TextIO
+
+
+class TurnBatchedHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A StreamHandler whose lines from the event loop are written once per loop turn."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+        self._lock_pending = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:  # as logging does: a record that cannot be formatted is reported
+            self.handleError(record)
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        with self._lock_pending:
+            if loop is not None:
+                self._pending.append(line)
+                if len(self._pending) == 1:
+                    loop.call_soon(self.flush)
+                return
+            lines = [*self._pending, line]
+            self._pending.clear()
+        self._write(lines)
+
+    def flush(self) -> None:
+        with self._lock_pending:
+            lines = self._pending[:]
+            self._pending.clear()
+        if lines:
+            self._write(lines)
+        else:
+            super().flush()
+
+    def _write(self, lines: list[str]) -> None:
+        self.acquire()
+        try:
+            self.stream.write("".join(lines))
+            self.stream.flush()
+        except Exception:
+            self.handleError(logging.makeLogRecord({"msg": "".join(lines)}))
+        finally:
+            self.release()
