@@ -118,7 +118,7 @@ def others(res: dict, md_dir: Path | None) -> list[str]:
         data = json.loads(path.read_text())
         md = path.with_suffix(".md")
         link = os.path.relpath(md, md_dir.resolve()) if md_dir else str(md.relative_to(REPO))
-        head = [(f"Command: `{data.get('command')}`, run {data.get('started')} UTC; full "
+        head = [(f"Command: `{data.get('command')}`, run {data.get('started')}; full "
                 f"report: [{md.name}]({link}), data `{inc['path']}`."), ""]
         lines += {"fork": _fork, "serving": _serving, "soak": _soak}[inc["kind"]](data, head)
     return lines
