@@ -151,6 +151,7 @@ def targets(res: dict) -> list[str]:
     vp = ", ".join(
         f"{LABEL[k]} {sum(p['bad'] for p in res.get('varied_probe', []) if p['server'] == k)}"
         for k in res["servers"]
+        if k != sections.HELLO  # one constant answer: not probed
     )
     out.append(
         f"Errors in the sweep: {errs}. Wrong bodies: {wrong}; wrong in the distinct-angle "

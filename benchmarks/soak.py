@@ -46,6 +46,7 @@ from bench import (
     notebook_path,
     output_base,
     probe_varied,
+    repo_relative,
     versions,
 )
 
@@ -114,6 +115,22 @@ def growth(samples: list[dict], warmup: int) -> dict:
     return out
 
 
+def add_slice(totals: dict, w: dict, srv_ms: float, ker_ms: float) -> dict:
+    """Adds one wrk slice to the totals; returns its sample (without memory yet)."""
+    e = w["socket_errors"]
+    sock = e["connect"] + e["read"] + e["write"] + e["timeout"]
+    totals["requests"] += w["requests"]
+    totals["seconds"] += w["duration_us"] / 1e6
+    for key, val in (("non2xx", w["non2xx"]), ("socket_errors", sock),
+                     ("wrong_bodies", w["wrong_bodies"]), ("checked", w["checked"]),
+                     ("server_cpu_ms", srv_ms), ("kernel_cpu_ms", ker_ms)):
+        totals[key] += val
+    return {"requests": totals["requests"], "slice_requests": w["requests"],
+            "slice_rps": round(w["requests"] / max(1e-9, w["duration_us"] / 1e6), 1),
+            "p50_ms": w["latency_us"]["p50"] / 1000, "p99_ms": w["latency_us"]["p99"] / 1000,
+            "errors": w["non2xx"] + sock, "wrong_bodies": w["wrong_bodies"]}
+
+
 def soak(args: argparse.Namespace, server: Server, deadline: float) -> dict:
     """The slices, until --requests are served or the deadline passes."""
     samples: list[dict] = []
@@ -132,20 +149,13 @@ def soak(args: argparse.Namespace, server: Server, deadline: float) -> dict:
         w = wrk_slice(server.port, args.concurrency, secs, args.threads)
         mem = memory(server)
         srv_ms, ker_ms = procs.cpu_ms(prev.pop("_snap"), mem["_snap"])
-        e = w["socket_errors"]
-        sock = e["connect"] + e["read"] + e["write"] + e["timeout"]
-        totals["requests"] += w["requests"]
-        totals["seconds"] += w["duration_us"] / 1e6
-        for key, val in (("non2xx", w["non2xx"]), ("socket_errors", sock),
-                         ("wrong_bodies", w["wrong_bodies"]), ("checked", w["checked"]),
-                         ("server_cpu_ms", srv_ms), ("kernel_cpu_ms", ker_ms)):
-            totals[key] += val
-        sample = {"requests": totals["requests"], "slice_requests": w["requests"],
-                  "slice_rps": round(w["requests"] / (w["duration_us"] / 1e6), 1),
-                  "p50_ms": w["latency_us"]["p50"] / 1000, "p99_ms": w["latency_us"]["p99"] / 1000,
-                  "errors": w["non2xx"] + sock, "wrong_bodies": w["wrong_bodies"],
-                  **{k: v for k, v in mem.items() if k != "_snap"},
-                  "kernels_changed": mem["kernel_pids"] != prev["kernel_pids"]}
+        sample = add_slice(totals, w, srv_ms, ker_ms)
+        if not server.proc.running() or not w["requests"]:
+            aborted = (f"the server exited (see {repo_relative(server.proc.log_path)})" if not
+                       server.proc.running() else f"no answer in {secs} s at {done} requests")
+            break
+        sample.update({k: v for k, v in mem.items() if k != "_snap"},
+                      kernels_changed=mem["kernel_pids"] != prev["kernel_pids"])
         samples.append(sample)
         prev = mem
         log(f"{sample['requests']:>7} req  {sample['slice_rps']:7.0f} req/s  p99 "
@@ -254,7 +264,8 @@ def main(argv: list[str]) -> int:
         server.wait_ready()
         log(f"{kind} ready in {server.ready_s:.2f}s on port {server.port}")
         res.update(soak(args, server, deadline))
-        res["varied_probe"] = probe_varied(server.port)
+        res["varied_probe"] = (probe_varied(server.port) if server.proc.running() else
+                               {"requests": 0, "bad": 0, "samples": []})
     finally:
         server.stop()
     res["kernel_changes"] = sum(s["kernels_changed"] for s in res["samples"])
