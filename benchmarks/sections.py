@@ -45,22 +45,26 @@ def targets18(res: dict, label: dict[str, str]) -> list[str]:
                 "`--servers kgpool-direct,kgpool-jupyter,aiohttp-hello` and, with "
                 "`KGPOOL_BASE=<commit>`, base-direct,base-jupyter)"), ""]
     out: list[str] = []
-    d, h = _cell(res, 2, 64, "kgpool-direct"), _cell(res, 2, 64, HELLO)
+    # the direct channel; kgpool without --channel (older kgpool: the only channel) otherwise
+    d = _cell(res, 2, 64, "kgpool-direct") or _cell(res, 2, 64, "kgpool")
+    h = _cell(res, 2, 64, HELLO)
     bd, j, bj = (_cell(res, 2, 64, s) for s in ("base-direct", "kgpool-jupyter", "base-jupyter"))
     if d and h:
-        out.append(f"- Direct channel, 2 kernels, c=64: {d['rps']:.0f} req/s = "
+        out.append(f"- {label[d['server']]}, 2 kernels, c=64: {d['rps']:.0f} req/s = "
                    f"**{d['rps'] / h['rps']:.2f}×** the aiohttp hello-world ceiling "
                    f"({h['rps']:.0f} req/s, server CPU {h['server_cpu_ms_per_req']:.3f} ms/req) "
                    "(target ≥ 0.4×)")
     if d and bd:
-        out.append(f"- Direct channel, 2 kernels, c=64, against the baseline: {d['rps']:.0f} vs "
+        out.append(f"- {label[d['server']]}, 2 kernels, c=64, against the baseline: "
+                   f"{d['rps']:.0f} vs "
                    f"{bd['rps']:.0f} req/s → **{d['rps'] / bd['rps']:.2f}×** (target ≥ 1.8×)")
     if d:
-        out.append(f"- Server CPU per request, direct channel, 2 kernels, c=64: "
+        out.append(f"- Server CPU per request, {label[d['server']]}, 2 kernels, c=64: "
                    f"**{d['server_cpu_ms_per_req']:.3f} ms** (target ≤ 0.15 ms)"
                    + (f"; baseline {bd['server_cpu_ms_per_req']:.3f} ms" if bd else ""))
     if j and bj:
-        out.append(f"- Jupyter channel, 2 kernels, c=64, against the baseline: {j['rps']:.0f} vs "
+        out.append(f"- {label['kgpool-jupyter']}, 2 kernels, c=64, against the baseline: "
+                   f"{j['rps']:.0f} vs "
                    f"{bj['rps']:.0f} req/s → **{j['rps'] / bj['rps']:.2f}×** (target ≥ 1.0×: "
                    "no slower)")
     if not out:
