@@ -195,7 +195,9 @@ def markdown(res: dict) -> str:
         "## Growth per 10,000 requests", "",
         (f"Fit = least-squares slope over the samples past {res['args']['warmup']} requests "
          "(warm-up); first → last = from the first sample to the last. Server = the kgpool "
-         "process (and any non-kernel descendants); kernels = summed over the kernels."), "",
+         "process (and any non-kernel descendants); kernels = summed over the kernels. PSS "
+         "also moves when other processes sharing the same pages (libraries) start or exit: "
+         "RSS is the figure for a leak."), "",
         "| memory | first sample MB | last sample MB | fit per 10k | first → last per 10k |",
         "|---|---|---|---|---|"]
     for key, name in (("server_rss_mb", "server RSS"), ("server_pss_mb", "server PSS"),
