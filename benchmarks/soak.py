@@ -140,9 +140,12 @@ def soak(args: argparse.Namespace, server: Server, deadline: float) -> dict:
     aborted = None
     while totals["requests"] < args.requests:
         done = totals["requests"]
-        rate = done / totals["seconds"] if totals["seconds"] else None
-        mark = min(args.requests, (done // args.sample_every + 1) * args.sample_every)
-        secs = 1 if rate is None else max(1, round((mark - done) / rate))
+        rate = samples[-1]["slice_rps"] if samples else None  # the latest: follows the load
+        mark = (done // args.sample_every + 1) * args.sample_every
+        if mark - done < args.sample_every // 4:  # just short of a mark: on to the next one
+            mark += args.sample_every
+        mark = min(args.requests, mark)
+        secs = 2 if rate is None else max(1, round((mark - done) / max(rate, 1.0)))
         if time.monotonic() + secs > deadline:
             aborted = f"over {args.max_minutes:g} min at {done} requests"
             break
