@@ -31,6 +31,7 @@ import urllib.request
 from pathlib import Path
 
 import procs
+import sections
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -52,7 +53,9 @@ KGPOOL_ARGS = {
     "base-direct": ["--channel", "direct"],
     "base-jupyter": ["--channel", "jupyter"],
 }
-SERVERS = (*KGPOOL_ARGS, "kg")
+# aiohttp hello-world answering the same body (hello.py): the framework's ceiling (issue 18)
+HELLO = "aiohttp-hello"
+SERVERS = (*KGPOOL_ARGS, "kg", HELLO)
 
 DEV_NOTEBOOK = {
     "cells": [
@@ -109,13 +112,16 @@ def estimate(args, servers: list[str]) -> dict[str, float]:
     start = lambda k: 1.5 + 0.3 * k  # noqa: E731  start to all warm, and the stop
     run = args.duration + 0.1
     n = len(servers)
+    with_kernels = len([s for s in servers if s != HELLO])  # the hello-world starts in ~0.5 s
     out = {"setup": 3.0}
     if "startup" not in skip:
-        out["startup"] = args.startup_reps * n * sum(start(k) for k in args.startup_kernels)
+        out["startup"] = (args.startup_reps * with_kernels
+                          * sum(start(k) for k in args.startup_kernels))
     if "sweep" not in skip:
         inline = 0 if "inline-floor" in skip or args.floor_kernels not in args.kernels else \
             len(set(args.floor_concurrency) & set(args.concurrency))
-        out["sweep"] = (n * sum(start(k) + args.warmup + 0.5 for k in args.kernels)
+        out["sweep"] = (with_kernels * sum(start(k) + args.warmup + 0.5 for k in args.kernels)
+                        + (n - with_kernels) * len(args.kernels) * (1.0 + args.warmup + 0.5)
                         + len(args.kernels) * len(args.concurrency) * args.rounds * n * run
                         + inline * args.rounds * (args.duration + 1.5))
     if "floor" not in skip:
@@ -130,6 +136,14 @@ def notebook_path() -> tuple[Path, bool]:
     dev = HERE / ".convert-dev.ipynb"
     dev.write_text(json.dumps(DEV_NOTEBOOK, indent=1))
     return dev, True
+
+
+def repo_relative(path: str) -> str:
+    """`path` relative to the repo when it lies inside it, else unchanged."""
+    try:
+        return str(Path(path).relative_to(REPO))
+    except ValueError:
+        return path
 
 
 def free_port() -> int:
@@ -171,6 +185,9 @@ class Server:
                 *KGPOOL_ARGS[kind],
             ]
             env["PATH"] = f"{venv / 'bin'}:{env.get('PATH', '')}"
+        elif kind == HELLO:
+            cmd = [str(VENV_BENCH / "bin" / "python"), str(HERE / "hello.py"), "--port",
+                   str(self.port)]
         else:
             cmd = [
                 str(VENV_KG / "bin" / "jupyter-kernelgateway"),
@@ -218,7 +235,7 @@ class Server:
                         self.all_warm_s = time.monotonic() - self.t0 if warm is not None else None
                         self.proc.refresh()
                         return
-            else:
+            else:  # Kernel Gateway, aiohttp-hello: the first correct body
                 st, body = http_get(self.port, PATH_Q, 5.0)
                 if st == 200 and body == EXPECTED:
                     self.ready_s = self.first_body_s = self.all_warm_s = time.monotonic() - self.t0
@@ -239,9 +256,11 @@ class Server:
         return int(sum(idle)) if idle else None
 
     def kernel_exes(self) -> list[str]:
+        """The kernels' executables, relative to the repo (written results hold no /work/...)."""
         self.proc.refresh()
         return sorted(
-            {procs.cmdline(k[0])[0] for k in self.proc.kernel_keys() if procs.cmdline(k[0])}
+            {repo_relative(procs.cmdline(k[0])[0]) for k in self.proc.kernel_keys()
+             if procs.cmdline(k[0])}
         )
 
     def stop(self) -> None:
@@ -406,6 +425,7 @@ def merge(rounds: list[dict]) -> dict:
 
 def phase_startup(args, nb: Path, servers: list[str]) -> list[dict]:
     out = []
+    servers = [s for s in servers if s != HELLO]  # no kernels to start
     for k in args.startup_kernels:
         for rep in range(args.startup_reps):
             order = servers if rep % 2 == 0 else servers[::-1]
@@ -444,13 +464,16 @@ def phase_sweep(
             for kind in servers:
                 live[kind] = Server(kind, nb, k, "sweep")
                 live[kind].wait_ready()
-                exes[kind] = live[kind].kernel_exes()
+                if kind != HELLO:
+                    exes[kind] = live[kind].kernel_exes()
                 log(
                     f"sweep K={k}: {kind} ready in {live[kind].ready_s:.2f}s on port "
                     f"{live[kind].port}"
                 )
             for kind in servers:  # warm-up, discarded; then a check with distinct angles
                 run_wrk(live[kind].port, max(4, k), args.warmup, args.threads)
+                if kind == HELLO:  # answers one constant body: nothing to cross
+                    continue
                 pv = probe_varied(live[kind].port)
                 probes.append({"server": kind, "kernels": k, **pv})
                 if pv["bad"]:
@@ -479,7 +502,7 @@ def phase_sweep(
                         m = measure(live[kind], c, args.duration, args.threads)
                         m["order"] = order.index(kind)
                         got[kind].append(m)
-                        if m["kernel_procs"] != k:
+                        if m["kernel_procs"] != (0 if kind == HELLO else k):
                             log(
                                 f"WARNING {kind} has {m['kernel_procs']} kernel processes, "
                                 f"expected {k}"
@@ -616,7 +639,7 @@ def pick_servers(spec: str) -> list[str]:
                 [str(exe), "serve", "--help"], capture_output=True, text=True
             ).stdout
             if "--channel" in helptext:
-                spec = "kgpool-direct,kgpool-jupyter,kg"
+                spec = f"kgpool-direct,kgpool-jupyter,kg,{HELLO}"
     servers = [s for s in spec.split(",") if s in SERVERS]
     if not (VENV_BASE / "bin" / "kgpool").exists() and any(s.startswith("base-") for s in servers):
         log("no baseline kgpool (KGPOOL_BASE=<commit> bash benchmarks/run.sh): skipping base-*")
@@ -669,8 +692,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--servers",
         default="auto",
         help="comma list from kgpool, kgpool-direct, kgpool-jupyter, base-direct, base-jupyter "
-        "(kgpool at KGPOOL_BASE), kg; auto = kgpool-direct,kgpool-jupyter,kg when kgpool has "
-        "--channel, else kgpool,kg",
+        "(kgpool at KGPOOL_BASE), kg, aiohttp-hello (hello.py: the framework's ceiling, "
+        "answering the same body); auto = kgpool-direct,kgpool-jupyter,kg,aiohttp-hello when "
+        "kgpool has --channel, else kgpool,kg",
     )
     p.add_argument(
         "--name",
@@ -679,11 +703,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "(default: results/local/run-<time>.*, not in git)",
     )
     p.add_argument(
+        "--include",
+        default="",
+        help="the other benchmarks' results the report summarises, as kind=NAME for "
+        "results/NAME.json: fork (default issue15-fork), serving (default serving), soak "
+        "(default soak); `soak=` leaves one out; missing files are left out",
+    )
+    p.add_argument(
         "--skip",
         default="",
         help="phases to skip: startup, sweep, floor (the separate floor phase), inline-floor",
     )
     a = p.parse_args(argv)
+    try:
+        sections.included(a.include)
+    except ValueError as exc:
+        p.error(str(exc))
     q = a.quick
     a.kernels = a.kernels or ([1, 2] if q else [1, 2, 4])
     a.concurrency = a.concurrency or ([1, 16] if q else [1, 4, 16, 64])
@@ -749,8 +784,11 @@ def main(argv: list[str]) -> int:
     base.parent.mkdir(parents=True, exist_ok=True)
     result["estimated_s"] = round(sum(planned.values()))
     result["seconds"] = round(time.monotonic() - began)
+    result["included"] = sections.included(args.include)  # the latest of each, at the end
     base.parent.joinpath(base.name + ".json").write_text(json.dumps(result, indent=1) + "\n")
-    base.parent.joinpath(base.name + ".md").write_text(report.markdown(result))
+    base.parent.joinpath(base.name + ".md").write_text(
+        report.markdown(result, base.parent / (base.name + ".md"))
+    )
     try:
         report.plot(result, base.parent / (base.name + ".png"))
     except Exception as exc:  # noqa: BLE001 - the table is the result; the plot is a view of it

@@ -5,6 +5,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+import sections
+
 LABEL = {
     "kgpool": "kgpool",
     "kgpool-direct": "kgpool --channel direct",
@@ -12,9 +14,11 @@ LABEL = {
     "base-direct": "baseline kgpool --channel direct",
     "base-jupyter": "baseline kgpool --channel jupyter",
     "kg": "Kernel Gateway",
+    "aiohttp-hello": "aiohttp hello-world (ceiling)",
 }
 SHORT = {"kgpool": "kgpool", "kgpool-direct": "direct", "kgpool-jupyter": "jupyter",
-         "base-direct": "base direct", "base-jupyter": "base jupyter", "kg": "KG"}
+         "base-direct": "base direct", "base-jupyter": "base jupyter", "kg": "KG",
+         "aiohttp-hello": "hello"}
 COLOR = {
     "kgpool": "tab:blue",
     "kgpool-direct": "tab:blue",
@@ -22,6 +26,7 @@ COLOR = {
     "base-direct": "tab:cyan",
     "base-jupyter": "tab:olive",
     "kg": "tab:orange",
+    "aiohttp-hello": "tab:gray",
 }
 
 
@@ -63,7 +68,14 @@ def _multi(rows: list[dict | None], key: str, nd: int = 1) -> str:
 
 
 def _kgpools(res: dict) -> list[str]:
-    return [s for s in res["servers"] if s != "kg"]
+    return [s for s in res["servers"] if s not in ("kg", sections.HELLO)]
+
+
+def _exe(path: str) -> str:
+    """A kernel executable as the report shows it: from benchmarks/ on (older results hold
+    absolute paths)."""
+    return path[path.index("benchmarks/"):] if path.startswith("/") and "benchmarks/" in path \
+        else path
 
 
 def targets(res: dict) -> list[str]:
@@ -139,6 +151,7 @@ def targets(res: dict) -> list[str]:
     vp = ", ".join(
         f"{LABEL[k]} {sum(p['bad'] for p in res.get('varied_probe', []) if p['server'] == k)}"
         for k in res["servers"]
+        if k != sections.HELLO  # one constant answer: not probed
     )
     out.append(
         f"Errors in the sweep: {errs}. Wrong bodies: {wrong}; wrong in the distinct-angle "
@@ -177,7 +190,8 @@ def _stops(res: dict) -> list[str]:
     return out
 
 
-def markdown(res: dict) -> str:
+def markdown(res: dict, out: Path | None = None) -> str:
+    """The report; `out` is where it will be written (for links to the other reports)."""
     a = res["args"]
     v = res["versions"]
     servers = res["servers"]
@@ -216,6 +230,9 @@ def markdown(res: dict) -> str:
             "the ratios come from the servers taking turns inside every cell of one run."
         ),
         "",
+        "## Against the targets of issue 18",
+        "",
+        *sections.targets18(res, LABEL),
         "## Against the targets of issue 5",
         "",
         *[f"- {t}" for t in targets(res)],
@@ -366,7 +383,8 @@ def markdown(res: dict) -> str:
         "",
         "## Notes",
         "",
-        "- Kernel executables: " + "; ".join(f"{LABEL[k]} `{', '.join(v)}`" for k, v in ke.items()),
+        "- Kernel executables: "
+        + "; ".join(f"{LABEL[k]} `{', '.join(map(_exe, v))}`" for k, v in ke.items()),
         (
             "- All servers use their default logging, sent to a file. wrk is closed-loop "
             "(no coordinated-"
@@ -374,10 +392,17 @@ def markdown(res: dict) -> str:
         ),
         *_stops(res),
         f"- Processes left behind: {res['leftover_processes'] or 'none'}.",
-        "- Raw data: `benchmarks/results/latest.json`; plot: `benchmarks/results/latest.png`.",
+        f"- Raw data: `{_where(out, '.json')}`; plot: `{_where(out, '.png')}`.",
         "",
+        *sections.others(res, out.parent if out else None),
     ]
     return "\n".join(lines)
+
+
+def _where(out: Path | None, suffix: str) -> str:
+    if out is None:
+        return f"benchmarks/results/latest{suffix}"
+    return str(out.resolve().with_suffix(suffix).relative_to(sections.REPO))
 
 
 def plot(res: dict, path: Path) -> None:

@@ -4,6 +4,7 @@
 #   bash benchmarks/run.sh --quick    # kernels 1,2 x concurrency 1,16, 3 s runs
 #   bash benchmarks/run.sh --help     # every option (durations, kernel counts, phases to skip)
 #   bash benchmarks/run.sh serving    # batching and streaming (benchmarks/serving.py; --help)
+#   bash benchmarks/run.sh soak       # 200,000 requests, memory sampled (benchmarks/soak.py; --help)
 #   KGPOOL_REF=HEAD bash benchmarks/run.sh   # kgpool from a commit (own venv) instead of the working tree
 #   KGPOOL_BASE=f166a32 bash benchmarks/run.sh --servers kgpool-direct,base-direct
 #                                   # the working tree and a baseline commit, in the same rotation
@@ -76,5 +77,9 @@ if [ "${1:-}" = "serving" ]; then
     shift
     "$VENV/bin/python" -c "import sklearn" 2>/dev/null || "$VENV/bin/pip" install -q --disable-pip-version-check scikit-learn
     exec "$VENV/bin/python" "$HERE/serving.py" "$@"
+fi
+if [ "${1:-}" = "soak" ]; then
+    shift
+    exec "$VENV/bin/python" "$HERE/soak.py" "$@"
 fi
 exec "$VENV/bin/python" "$HERE/bench.py" "$@"
