@@ -197,8 +197,8 @@ def test_serve_options_apply_and_others_are_not_read(private: Path) -> None:
 def test_a_signal_stops_the_call_and_its_kernel(private: Path, signum: int, code: int) -> None:
     meet = private / "meet"
     meet.mkdir()
-    proc = start(private, str(KITCHEN), f"GET /meet?n=2&dir={meet}")
-    try:  # the cell leaves a file there, then waits (10 s) for a second request
+    proc = start(private, str(KITCHEN), f"GET /meet?n=2&wait=6000&dir={meet}")
+    try:  # the cell leaves a file there, then waits (60 s) for a second request
         wait_for(lambda: any(meet.iterdir()), 60, "the request to be running in the kernel")
     except AssertionError:
         proc.kill()

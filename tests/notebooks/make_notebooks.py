@@ -57,9 +57,11 @@ KITCHEN = [
     "# GET /loop\nwhile True:\n    pass",
     "# GET /nocontent\nprint('dropped')",
     "# ResponseInfo GET /nocontent\nprint(json.dumps({'status': 204}))",
-    # waits in the cell until n requests are in cells at once (each leaves a file in dir)
+    # waits in the cell until n requests are in cells at once (each leaves a file in dir), at
+    # most `wait` hundredths of a second (default 10 s)
     "# GET /meet\nargs = json.loads(REQUEST)['args']\nn, where = int(args['n'][0]), args['dir'][0]\n"
-    "open(os.path.join(where, str(os.getpid())), 'w').close()\nfor _ in range(1000):\n"
+    "open(os.path.join(where, str(os.getpid())), 'w').close()\n"
+    "for _ in range(int(args.get('wait', ['1000'])[0])):\n"
     "    if len(os.listdir(where)) >= n:\n        break\n    time.sleep(0.01)\n"
     "print('met' if len(os.listdir(where)) >= n else 'alone', os.getpid(), end='')",
 ]
