@@ -26,7 +26,7 @@ from .config import HIDDEN_ENV, LOG_LEVELS, Settings
 from .connections import ensure_descriptors
 from .errors import ConfigError, KgpoolError, NotebookError
 from .kgcompat import Translation, fetch_seed, is_kernel_gateway_argv, translate
-from .logs import TurnBatchedHandler
+from .logs import Formatter, TurnBatchedHandler
 from .mounts import MountSpec, clashes, mount_specs
 from .notebook import load_notebook
 from .routes import Router
@@ -173,7 +173,7 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str],
     return Settings(**values)
 
 
-class JsonFormatter(logging.Formatter):
+class JsonFormatter(Formatter):
     _std = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
     def format(self, record: logging.LogRecord) -> str:
@@ -187,7 +187,7 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(fmt: str, level: str) -> None:
     handler = TurnBatchedHandler(sys.stderr)  # a write per loop turn, not per line
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(
+    handler.setFormatter(JsonFormatter() if fmt == "json" else Formatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]

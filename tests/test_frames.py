@@ -99,3 +99,14 @@ def test_without_a_loop_lines_are_written_at_once_and_flush_writes_the_rest() ->
     asyncio.run(in_loop())
     handler.flush()  # what logging's shutdown does at exit
     assert stream.getvalue().endswith("after\nfrom the loop\n")
+
+
+def test_the_cached_time_reads_as_loggings_own() -> None:
+    from kgpool.logs import Formatter
+
+    plain, cached = logging.Formatter(), Formatter()
+    for created in (1764632681.0, 1764632681.123, 1764632681.999, 1764632682.5, 1764632681.2):
+        record = logging.makeLogRecord({"msg": "x"})
+        record.created, record.msecs = created, int((created - int(created)) * 1000) + 0.0
+        assert cached.formatTime(record) == plain.formatTime(record)
+        assert cached.formatTime(record, "%H") == plain.formatTime(record, "%H")
