@@ -295,13 +295,13 @@ class Kernel:
         # cell prints; `watch` then sees each message as it arrives
         if metadata is None:
             metadata = b'{"kgpool_stream": true}' if stream else b"{}"
-        if content is not None or len(metadata) > 1 << 20:
-            content = content if content is not None else execute_content(code, silent)
+        if content is None:
+            content = execute_content(code, silent)
+        if len(content) + len(metadata) > 1 << 20:  # signed beside the event loop
             msg_id, frames = await self._wire.request_large("execute_request", content,
                                                             metadata)
         else:
-            msg_id, frames = self._wire.request_encoded("execute_request",
-                                                        execute_content(code, silent), metadata)
+            msg_id, frames = self._wire.request_encoded("execute_request", content, metadata)
         waiter = self._expect(msg_id, limit)
         self._watch = watch
         await self._shell.send_multipart(frames, copy=False)
