@@ -25,6 +25,8 @@ from .pool import PoolStatus
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _LAG = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS",
+                      "TRACE", "PATCH"})
 _CHILD_CACHE = 4096  # label children kept for the hot path (routes x methods x statuses)
 _STARTUP = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 RESTART_REASONS = ("crash", "timeout", "recycle", "init_failed", "reload", "cancelled",
@@ -160,6 +162,8 @@ class Metrics:
 
     def answered(self, notebook: str, route: str, method: str, code: int,
                  seconds: float) -> None:
+        if method not in _METHODS:
+            method = "other"  # a client's own method names would each make new series
         key = (notebook, route, method, code)
         children = self._answered.get(key)
         if children is None:  # labels() once per series, not per request

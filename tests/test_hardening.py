@@ -355,3 +355,14 @@ def test_a_large_request_does_not_stall_the_event_loop(hard: Server) -> None:
     assert probes > 0
     assert lag_over(hard, 0.25) == before  # no piece of work held the loop past 250 ms
     assert_whole(hard)
+
+
+def test_methods_beyond_http_s_own_share_one_metric_series(hard: Server) -> None:
+    """The HTTP parser knows WebDAV's and others' methods too: each is counted as "other",
+    not as a series of its own that clients could multiply."""
+    methods = ("PROPFIND", "MKCOL", "LOCK", "UNLOCK", "COPY", "MOVE", "SEARCH", "PURGE")
+    for method in methods:
+        assert hard.request(method, "/pid").status == 405
+    text = hard.get("/_kgpool/metrics").text
+    assert not [m for m in methods if f'method="{m}"' in text]
+    assert hard.metric("kgpool_http_requests_total", 'method="other",code="405"') >= len(methods)
