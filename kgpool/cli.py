@@ -192,6 +192,9 @@ def configure_logging(fmt: str, level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Records skip what neither format shows: the thread, process and multiprocessing names
+    # (a getpid(2) and two lookups for every line, the access log's included).
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     if level != "debug":  # jupyter_client and asyncio chatter is debug material
         for noisy in ("traitlets", "asyncio"):
             logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -214,7 +214,7 @@ class KernelPool:
             if lease.limit and lease.served >= lease.limit and not lease.retiring:
                 lease.retiring = True  # keeps serving until its replacement is warm
                 self._start_replacement(lease.slot, "recycle", old=lease)
-            self._hand_out(lease)
+            self._hand_out(lease, checked=True)
         self._notify_if_quiet()
 
     def recycle(self, lease: Lease, reason: str) -> None:
@@ -225,13 +225,14 @@ class KernelPool:
         lease.retiring = True
         self._start_replacement(lease.slot, reason, old=lease)
 
-    def _hand_out(self, lease: Lease) -> None:
+    def _hand_out(self, lease: Lease, checked: bool = False) -> None:
         """A kernel goes to the longest waiter that takes its version, else to the back of the
-        idle queue: handing out from the front spreads requests over every kernel in turn."""
+        idle queue: handing out from the front spreads requests over every kernel in turn.
+        (`checked`: release() has just asked the process whether it lives.)"""
         if self._closed or lease.stopped:
             self._stop(lease)
             return
-        if lease.dead or not lease.kernel.is_alive:
+        if not checked and (lease.dead or not lease.kernel.is_alive):
             self._replace(lease, "crash")
             return
         if self._opened:

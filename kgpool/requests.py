@@ -37,7 +37,9 @@ def document_of(data: RequestData) -> tuple[str, str | None]:
         args.setdefault(name, []).append(value)
     headers: dict[str, Any] = {}
     for name, value in data.headers:
-        key = "-".join(word.capitalize() for word in name.split("-"))
+        key = _HEADER_KEYS.get(name)
+        if key is None:
+            key = _header_key(name)
         if key in headers:
             old = headers[key]
             headers[key] = (old if isinstance(old, list) else [old]) + [value]
@@ -50,6 +52,19 @@ def document_of(data: RequestData) -> tuple[str, str | None]:
     except RecursionError:  # a body nested as deep as the parser goes, one level more here
         document["body"] = data.body.decode("utf-8", errors="surrogateescape")
         return json.dumps(document), note
+
+
+_HEADER_KEYS: dict[str, str] = {}  # header names as clients send them -> as REQUEST has them
+
+
+def _header_key(name: str) -> str:
+    """Tornado's spelling of a header name (Content-Type), remembered: clients send the same
+    few names on every request."""
+    key = "-".join(word.capitalize() for word in name.split("-"))
+    if len(_HEADER_KEYS) >= 4096:  # names a client makes up are not kept for ever
+        _HEADER_KEYS.clear()
+    _HEADER_KEYS[name] = key
+    return key
 
 
 def parse_body(body: bytes, content_type: str) -> Any:
