@@ -57,14 +57,14 @@ if [ -z "${KGPOOL_TEST_TMP:-}" ] && [ "${1:-}" != --plan ]; then
      unshare --mount --propagation private true 2>/dev/null; then
     where="its private /tmp and /var/tmp (mounted in a namespace of its own)"
     # shellcheck disable=SC2016  # $1.. belong to the inner shell
-    setsid unshare --mount --propagation private -- sh -c \
+    env --default-signal=INT setsid unshare --mount --propagation private -- sh -c \
       'mount --bind "$1/var-tmp" /var/tmp && mount --bind "$1/tmp" /tmp && shift && exec "$@"' \
       sh "$RUN" env KGPOOL_TEST_TMP=/tmp TMPDIR=/tmp KGPOOL_TEST_RUN="$RUN" \
       bash "$SELF" "$@" </dev/null &
   else
     where="its TMPDIR"
-    setsid env KGPOOL_TEST_TMP="$RUN/tmp" TMPDIR="$RUN/tmp" KGPOOL_TEST_RUN="$RUN" \
-      bash "$SELF" "$@" </dev/null &
+    env --default-signal=INT setsid env KGPOOL_TEST_TMP="$RUN/tmp" TMPDIR="$RUN/tmp" \
+      KGPOOL_TEST_RUN="$RUN" bash "$SELF" "$@" </dev/null &
   fi
   child=$!
   rc=0
@@ -222,7 +222,9 @@ pytest_pass() {  # pytest_pass direct|jupyter|fork LOG|- ARGS...
   [ "$name" != jupyter ] || channel=jupyter
   [ "$name" != fork ] || fork=1
   mkdir -p "$tmp/_suite" && chmod 1777 "$tmp"
-  local run=(env KGPOOL_CHANNEL="$channel" KGPOOL_FORK="$fork" KGPOOL_TEST_TMP="$tmp"
+  # --default-signal: a command run with & starts with SIGINT ignored, which its processes
+  # inherit (Ctrl-C would not stop pytest, and tests that send SIGINT would see it ignored)
+  local run=(env --default-signal=INT KGPOOL_CHANNEL="$channel" KGPOOL_FORK="$fork" KGPOOL_TEST_TMP="$tmp"
              TMPDIR="$tmp" .venv/bin/python -m pytest "$@")
   if [ "$log" = - ]; then
     "${run[@]}" </dev/null || rc=$?

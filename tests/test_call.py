@@ -58,9 +58,12 @@ def start(private: Path, *args: str, env: dict[str, str] | None = None
     runtime.mkdir(exist_ok=True)
     environ = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
     environ.update(TMPDIR=str(tmp), JUPYTER_RUNTIME_DIR=str(runtime), **(env or {}))
+    # SIGINT as a terminal gives it, even when the suite runs as a background job (which
+    # starts with SIGINT ignored, and children inherit that: Ctrl-C would then do nothing)
     return subprocess.Popen([sys.executable, "-m", "kgpool", "call", *args], env=environ,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def finish(private: Path, proc: subprocess.Popen[bytes], stdin: bytes = b"",
