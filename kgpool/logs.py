@@ -1,12 +1,12 @@
-"""The log handler of `kgpool serve`: lines formatted at once, written once per loop turn.
+"""The log handler of `kgpool serve`: lines formatted at once, written together.
 
 Every request logs a line; written one by one that is a write(2) per request on the event
 loop, the most frequent system call after the request's own. Records logged on the event
 loop's thread are formatted at once (their fields are read when they happen) and their lines
-are written together when the loop turn ends, in the order they were logged; records from
-other threads, and everything once no loop runs, are written at once. Nothing is held past
-the current turn of the loop, and flush() (logging's shutdown at exit) writes what is
-pending.
+are written together, in the order they were logged, at most FLUSH_DELAY after the first of
+them (or at FLUSH_LINES); records from other threads, and everything once no loop runs, are
+written at once, after what is pending. flush() (logging's shutdown at exit) writes what is
+pending: only a SIGKILL can lose lines, those of the last FLUSH_DELAY.
 """
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ import logging
 import threading
 import time
 from typing import TextIO
+
+FLUSH_DELAY = 0.02  # seconds a line from the event loop may wait for the lines after it
+FLUSH_LINES = 256  # or this many lines
 
 
 class SecondsCache:
@@ -51,8 +54,8 @@ class Formatter(logging.Formatter):
         return self._seconds(record)
 
 
-class TurnBatchedHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """A StreamHandler whose lines from the event loop are written once per loop turn."""
+class BatchedHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A StreamHandler whose lines from the event loop are written a few at a time."""
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
@@ -73,6 +76,8 @@ class TurnBatchedHandler(logging.StreamHandler):  # type: ignore[type-arg]
             if loop is not None:
                 self._pending.append(line)
                 if len(self._pending) == 1:
+                    loop.call_later(FLUSH_DELAY, self.flush)
+                elif len(self._pending) >= FLUSH_LINES:
                     loop.call_soon(self.flush)
                 return
             lines = [*self._pending, line]
