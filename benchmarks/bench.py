@@ -19,7 +19,6 @@ import random
 import re
 import resource
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -804,26 +803,5 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _on_signal(signum, frame):  # noqa: ARG001
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 if __name__ == "__main__":
-    signal.signal(
-        signal.SIGINT, _on_signal
-    )  # also when started with SIGINT ignored (background jobs)
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGHUP, _on_signal)
-    rc = 1
-    try:
-        rc = main(sys.argv[1:])
-    except KeyboardInterrupt as exc:
-        log(f"interrupted ({exc}); cleaning up")
-        rc = 130
-    finally:
-        procs.stop_all()
-        left = procs.leftovers()
-        if left:
-            log(f"ERROR: still alive after cleanup: {left}")
-            rc = rc or 1
-    sys.exit(rc)
+    procs.run_main(main, log)

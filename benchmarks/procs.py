@@ -11,8 +11,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -232,3 +235,28 @@ def stop_all() -> None:
             m.stop(grace=10.0)
         except Exception as exc:  # noqa: BLE001 - keep cleaning the others
             print(f"cleanup of {m.name} failed: {exc}")
+
+
+def _interrupted(signum: int, frame: object) -> None:  # noqa: ARG001
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_main(main: Callable[[list[str]], int], log: Callable[[str], None]) -> NoReturn:
+    """A benchmark's entry point: main(argv) with SIGINT (also when started with it ignored,
+    as background jobs are), SIGTERM and SIGHUP stopping it, then every process it started
+    stopped; exits non-zero if one is still alive."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupted)
+    rc = 1
+    try:
+        rc = main(sys.argv[1:])
+    except KeyboardInterrupt as exc:
+        log(f"interrupted ({exc}); cleaning up")
+        rc = 130
+    finally:
+        stop_all()
+        left = leftovers()
+        if left:
+            log(f"ERROR: still alive after cleanup: {left}")
+            rc = rc or 1
+    sys.exit(rc)

@@ -32,9 +32,7 @@ import datetime as dt
 import json
 import os
 import random
-import signal
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -357,22 +355,5 @@ def main(argv: list[str]) -> int:
     return 1 if result["leftover_processes"] else 0
 
 
-def _on_signal(signum: int, frame: object) -> None:  # noqa: ARG001
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 if __name__ == "__main__":
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _on_signal)
-    rc = 1
-    try:
-        rc = main(sys.argv[1:])
-    except KeyboardInterrupt as exc:
-        log(f"interrupted ({exc}); cleaning up")
-        rc = 130
-    finally:
-        procs.stop_all()
-        if procs.leftovers():
-            log(f"ERROR: still alive after cleanup: {procs.leftovers()}")
-            rc = rc or 1
-    sys.exit(rc)
+    procs.run_main(main, log)

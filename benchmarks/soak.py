@@ -28,9 +28,7 @@ import argparse
 import datetime as dt
 import json
 import os
-import signal
 import subprocess
-import sys
 import time
 
 import procs
@@ -293,22 +291,5 @@ def main(argv: list[str]) -> int:
     return 1 if res["leftover_processes"] or res["aborted"] or bad else 0
 
 
-def _on_signal(signum: int, frame: object) -> None:  # noqa: ARG001
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 if __name__ == "__main__":
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _on_signal)
-    rc = 1
-    try:
-        rc = main(sys.argv[1:])
-    except KeyboardInterrupt as exc:
-        log(f"interrupted ({exc}); cleaning up")
-        rc = 130
-    finally:
-        procs.stop_all()
-        if procs.leftovers():
-            log(f"ERROR: still alive after cleanup: {procs.leftovers()}")
-            rc = rc or 1
-    sys.exit(rc)
+    procs.run_main(main, log)
