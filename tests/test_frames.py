@@ -1,9 +1,7 @@
-"""The direct channel's framing and the batched log handler: pure code, no kernel."""
+"""The direct channel's framing and the log formatter: pure code, no kernel."""
 
 from __future__ import annotations
 
-import asyncio
-import io
 import json
 import logging
 import struct
@@ -11,7 +9,6 @@ import struct
 import pytest
 
 from kgpool.direct import _Frames, call_frame
-from kgpool.logs import BatchedHandler
 
 pytestmark = [pytest.mark.timeout(30), pytest.mark.channel_independent]
 
@@ -63,59 +60,6 @@ def test_call_frame_is_length_prefixed_json() -> None:
     (size,) = struct.unpack(">I", data[:4])
     assert size == len(data) - 4
     assert json.loads(data[4:]) == {"e": 3, "r": '{"body": "é"}'}
-
-
-async def test_lines_logged_together_are_written_together_in_order() -> None:
-    stream = io.StringIO()
-    writes: list[str] = []
-    original = stream.write
-    stream.write = lambda text: writes.append(text) or original(text)  # type: ignore[method-assign]
-    handler = BatchedHandler(stream)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger = logging.Logger("t")
-    logger.addHandler(handler)
-    for i in range(5):
-        logger.warning("line %d", i)
-    assert stream.getvalue() == ""  # not yet: the batch waits for the lines after it
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 5
-    while not writes and loop.time() < deadline:  # the batch's timer fires on its own
-        await asyncio.sleep(0.001)
-    assert stream.getvalue() == "".join(f"line {i}\n" for i in range(5))
-    assert len(writes) == 1
-
-
-async def test_a_full_batch_is_written_without_waiting_for_its_timer() -> None:
-    from kgpool.logs import FLUSH_LINES
-
-    stream = io.StringIO()
-    handler = BatchedHandler(stream)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger = logging.Logger("t")
-    logger.addHandler(handler)
-    for i in range(FLUSH_LINES):
-        logger.warning("%d", i)
-    done = asyncio.get_running_loop().create_future()
-    asyncio.get_running_loop().call_soon(done.set_result, None)  # after the flush call_soon
-    await done
-    assert stream.getvalue().count("\n") == FLUSH_LINES
-
-
-def test_without_a_loop_lines_are_written_at_once_and_flush_writes_the_rest() -> None:
-    stream = io.StringIO()
-    handler = BatchedHandler(stream)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger = logging.Logger("t")
-    logger.addHandler(handler)
-
-    async def in_loop() -> None:
-        logger.warning("from the loop")  # the loop ends before its turn does
-    asyncio.run(in_loop())
-    logger.warning("after")
-    assert stream.getvalue() == "from the loop\nafter\n"
-    asyncio.run(in_loop())
-    handler.flush()  # what logging's shutdown does at exit
-    assert stream.getvalue().endswith("after\nfrom the loop\n")
 
 
 def test_the_cached_time_reads_as_loggings_own() -> None:
