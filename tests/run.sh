@@ -213,10 +213,11 @@ CHECK
 #             -m "not channel_independent and not no_fork", ~3.5 min more); the other modules
 #             test HTTP, the CLI and Kernel Gateway's options, which do not depend on how kernels
 #             are made. tests/test_fork.py and the parity corpus run --fork themselves.
-# The direct pass runs beside the other two (KGPOOL_TEST_SERIAL=1: one after the other): the
-# suite mostly waits for kernels and uses about half a core. Each pass has a temp folder of its
-# own, checked at its end by tests/hygiene.py.
-pytest_pass() {  # pytest_pass direct|jupyter|fork LOG|- ARGS...
+# The direct pass runs beside the other two, and in a whole run tests/test_languages.py beside
+# it as a pass of its own (KGPOOL_TEST_SERIAL=1: all one after the other, languages in the
+# direct pass): the suite mostly waits for kernels. Each pass has a temp folder of its own,
+# checked at its end by tests/hygiene.py.
+pytest_pass() {  # pytest_pass direct|jupyter|fork|languages LOG|- ARGS...
   local name=$1 log=$2 rc=0 tmp="$KGPOOL_TEST_TMP/pass-$1" channel=direct fork=""
   shift 2
   [ "$name" != jupyter ] || channel=jupyter
@@ -260,7 +261,7 @@ else
   LOGS="$KGPOOL_TEST_TMP/pass-jupyter/_suite"
   mkdir -p "$LOGS"
   step "pytest (default: direct channel); beside it KGPOOL_CHANNEL=jupyter" \
-       "$([ "$FULL" = 0 ] || echo "then KGPOOL_FORK=1") (shown after)"
+       "$([ "$FULL" = 0 ] || echo "then KGPOOL_FORK=1, and the other languages") (shown after)"
   (
     rc=0
     pytest_pass jupyter "$LOGS/jupyter.log" "${JUPYTER[@]}" || rc=$?
@@ -268,10 +269,24 @@ else
     exit "$rc"
   ) &
   others=$!
+  # A whole run also takes the other languages' kernels (about 1.5 min, direct channel) out of
+  # the direct pass, the longest, into a third one beside it.
+  DIRECT=(--durations=15 "$@")
+  langs=""
+  if [ "$FULL" = 1 ]; then
+    DIRECT=(--durations=15 --ignore=tests/test_languages.py)
+    pytest_pass languages "$LOGS/languages.log" -q --durations=5 tests/test_languages.py &
+    langs=$!
+  fi
   direct=0
-  pytest_pass direct - --durations=15 "$@" || direct=$?
+  pytest_pass direct - "${DIRECT[@]}" || direct=$?
   rest=0
   wait "$others" || rest=$?
+  if [ -n "$langs" ]; then
+    wait "$langs" || rest=$?
+    step "pytest (tests/test_languages.py: bash, R, Octave, JavaScript), run beside the first"
+    cat "$LOGS/languages.log"
+  fi
   step "pytest (KGPOOL_CHANNEL=jupyter), run beside the first"
   cat "$LOGS/jupyter.log"
   if [ "$FULL" = 1 ]; then
