@@ -12,7 +12,8 @@
 #
 # For a root Debian bookworm machine with apt and PyPI but no image registry (CI here):
 #   bash deploy/container-smoke.sh
-# Env: WORK (/tmp/kgpool-ctr: podman storage, base rootfs, logs)  HOST_PORT (18931, and +1)
+# Env: WORK (podman storage, base rootfs, logs; default container/ in the test cache,
+#   ~/.cache/kgpool-tests)  HOST_PORT (18931, and +1)
 #      IMAGE (localhost/kgpool:ci)  BASE_TAG (localhost/python-standin:3.11-bookworm)
 #      KERNELS (2)  STOP_TIMEOUT (45: seconds to wait for the drain, > --shutdown-timeout)
 # Why each setting (runc, ulimits, a local base image): "Without Docker: podman" in
@@ -21,7 +22,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."            # the build context is the repository root
-WORK=${WORK:-/tmp/kgpool-ctr}
+WORK=${WORK:-${KGPOOL_TEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kgpool-tests}/container}
 HOST_PORT=${HOST_PORT:-18931}
 IMAGE=${IMAGE:-localhost/kgpool:ci}
 BASE_TAG=${BASE_TAG:-localhost/python-standin:3.11-bookworm}

@@ -10,13 +10,14 @@
 #  4. yamllint              every plain YAML file here, and compose.yaml against the compose spec
 #  5. shellcheck            deploy/*.sh
 #
-# Tools go into a venv (LINT_VENV, default /tmp/kgpool-lint-venv) from PyPI, pinned. kubectl is
-# taken from PATH; on a machine without it, Debian's kubernetes-client package is unpacked into
-# the venv (not installed: it would own /usr/bin/kubectl).
+# Tools go into a venv (LINT_VENV, default lint-venv in the test cache: $KGPOOL_TEST_CACHE, else
+# ~/.cache/kgpool-tests) from PyPI, pinned. kubectl is taken from PATH; on a machine without it,
+# Debian's kubernetes-client package is unpacked into the venv (not installed: it would own
+# /usr/bin/kubectl).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-VENV=${LINT_VENV:-/tmp/kgpool-lint-venv}
+VENV=${LINT_VENV:-${KGPOOL_TEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kgpool-tests}/lint-venv}
 # 1.29: oldest minor still supported by the big managed offerings' extended support; the base
 # avoids newer-only fields for it (e.g. the native preStop sleep action, 1.30+). 1.33: current.
 K8S_VERSIONS=${K8S_VERSIONS:-"1.29 1.33"}
