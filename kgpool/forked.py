@@ -118,7 +118,7 @@ class Forker:
     async def _fork(self, template: Template, slot: int,
                     on_death: Callable[[Any], None]) -> Worker:
         name = uuid.uuid4().hex[:12]
-        path = os.path.join(self._dir, f"w{name}.sock")
+        path = os.path.join(self._dir, f"w{name}")  # short: sun_path
         stacks = os.path.join(self._dir, f"stacks-w{name}")
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -190,7 +190,7 @@ class Forker:
         for index, reason in json.loads(compiled.text).items():
             log.info("%s: endpoint %d runs through the shell's run_cell: %s", label,
                      int(index) + 1, reason)
-        path = os.path.join(self._dir, f"t{uuid.uuid4().hex[:12]}.sock")
+        path = os.path.join(self._dir, f"t{uuid.uuid4().hex[:12]}")
         # the cells as they are: each call binds REQUEST as data (kgpool/_inkernel.py)
         result = await kernel.execute(_install_code(path, cells, self._allow_threads))
         if result.error is not None:

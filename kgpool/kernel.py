@@ -32,6 +32,25 @@ ABORT_GRACE = 0.3  # after the interrupt, before SIGKILL
 REPLY_GRACE = 1.0
 
 
+async def abort_process(pid: int | None, stack_file: str | None,
+                        died: asyncio.Future[Any], kill: Callable[[], None]) -> str | None:
+    """Stop a hung kernel process (`pid`, None once it is gone): its threads' stacks first
+    (SIGUSR2 writes them to `stack_file`), then SIGINT and ABORT_GRACE for the cell's
+    `finally` blocks until `died`, then `kill()`. Returns the stacks, if any were written."""
+    stacks = None
+    if pid is not None:
+        if stack_file:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGUSR2)
+                stacks = await _settled_text(stack_file)
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGINT)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(died), ABORT_GRACE)
+    kill()
+    return stacks
+
+
 async def _settled_text(path: str, polls: int = 50) -> str | None:
     """The file's text once it stops growing (a signal handler is writing it), or None."""
     size = -1
@@ -234,18 +253,8 @@ class Kernel:
         """Stop a kernel that ran past its deadline and say where it was: its threads' stacks
         (Python kernels write them to `stack_file` on SIGUSR2), then an interrupt, so the cell's
         `finally` blocks get a moment, then SIGKILL."""
-        stacks = None
-        if self.is_alive and self.pid is not None:
-            if self.stack_file:
-                with contextlib.suppress(OSError):
-                    os.kill(self.pid, signal.SIGUSR2)
-                    stacks = await _settled_text(self.stack_file)
-            with contextlib.suppress(OSError):
-                os.kill(self.pid, signal.SIGINT)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._died), ABORT_GRACE)
-        self.kill()
-        return stacks
+        return await abort_process(self.pid if self.is_alive else None, self.stack_file,
+                                   self._died, self.kill)
 
     def interrupt(self) -> bool:
         """Interrupt the running cell now, as Jupyter's stop button does (SIGINT to the

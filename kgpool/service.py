@@ -227,7 +227,7 @@ _SUN_PATH = 107  # bytes of a Unix socket's path (sun_path less its NUL), on Lin
 
 def sockets_fit(folder: str) -> bool:
     """Whether the kernels' and the direct channel's socket names fit below `folder`."""
-    longest = os.path.join(folder, f"d{'0' * 12}.sock")  # "k<12 hex>-<port>" is shorter
+    longest = os.path.join(folder, f"k{'0' * 12}-5")  # a kernel's: "d<12 hex>" is shorter
     return len(os.fsencode(longest)) <= _SUN_PATH
 
 
@@ -461,7 +461,7 @@ class NotebookService:
                 not self._sockets_fit:
             return
         assert self._ipc_dir is not None
-        path = os.path.join(self._ipc_dir, f"d{uuid.uuid4().hex[:12]}.sock")
+        path = os.path.join(self._ipc_dir, f"d{uuid.uuid4().hex[:12]}")  # short: sun_path
         cells = [(ep.source, ep.response_source) for ep in version.notebook.endpoints]
         try:
             channel = await DirectChannel.open(kernel, path, cells, self._offload)

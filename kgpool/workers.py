@@ -24,7 +24,7 @@ from typing import Any
 
 from .direct import DirectChannel
 from .errors import KernelDied, KernelError
-from .kernel import ABORT_GRACE, SHUTDOWN_GRACE, Kernel, _settled_text
+from .kernel import SHUTDOWN_GRACE, Kernel, abort_process
 from .lease import describe_exit
 from .offload import Offload
 from .outputs import ExecutionResult
@@ -153,18 +153,8 @@ class Worker:
 
     async def abort(self) -> str | None:
         """Past its deadline: its threads' stacks (SIGUSR2), an interrupt, then SIGKILL."""
-        stacks = None
-        if self.is_alive:
-            if self.stack_file:
-                with contextlib.suppress(OSError):
-                    os.kill(self.pid, signal.SIGUSR2)
-                    stacks = await _settled_text(self.stack_file)
-            with contextlib.suppress(OSError):
-                os.kill(self.pid, signal.SIGINT)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._died), ABORT_GRACE)
-        self.kill()
-        return stacks
+        return await abort_process(self.pid if self.is_alive else None, self.stack_file,
+                                   self._died, self.kill)
 
     async def execute(self, code: str, **_: Any) -> ExecutionResult:
         raise KernelError(f"{self.label} is a forked worker: it has no Jupyter channel")
