@@ -110,6 +110,29 @@ def wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
     return [p for p in pids if alive(p)]
 
 
+def write_atomically(path: Path, book: Any) -> None:
+    """Replace a notebook file in one step, as editors and ConfigMap updates do: a reload
+    never reads half of it."""
+    import nbformat
+    tmp = path.with_suffix(".tmp")
+    nbformat.write(book, tmp)
+    tmp.replace(path)
+
+
+def python_notebook(path: Path, *cells: str) -> Path:
+    """A Python notebook of these code cells, written atomically (cell ids c0, c1, ...)."""
+    import nbformat
+    book = nbformat.v4.new_notebook()
+    book.metadata = {"kernelspec": {"name": "python3", "display_name": "P",
+                                    "language": "python"},
+                     "language_info": {"name": "python"}}
+    book.cells = [nbformat.v4.new_code_cell(c) for c in cells]
+    for i, cell in enumerate(book.cells):
+        cell["id"] = f"c{i}"
+    write_atomically(path, book)
+    return path
+
+
 def wait_for(predicate: Any, timeout: float = 30.0, what: str = "condition") -> None:
     """Poll until predicate() is true: waiting for an event, never a fixed sleep."""
     deadline = time.monotonic() + timeout

@@ -14,7 +14,17 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import NOTEBOOKS, Server, alive, kernel_children, parent, wait_for, wait_gone
+from conftest import (
+    NOTEBOOKS,
+    Server,
+    alive,
+    kernel_children,
+    parent,
+    python_notebook,
+    wait_for,
+    wait_gone,
+    write_atomically,
+)
 
 from kgpool.memory import MIB, MemoryWatch, TemplateInfo, Usage, usage
 
@@ -197,14 +207,8 @@ def test_server_sigkill_leaves_no_template_or_worker(tmp_path: Path) -> None:
 
 
 def write_notebook(path: Path, version: int) -> None:
-    book = nbformat.v4.new_notebook()
-    book.metadata = {"kernelspec": {"name": "python3", "display_name": "P", "language": "python"},
-                     "language_info": {"name": "python"}}
-    book.cells = [nbformat.v4.new_code_cell(f"import os\nVERSION = {version}"),
-                  nbformat.v4.new_code_cell("# GET /v\nprint(VERSION, os.getppid(), end='')")]
-    tmp = path.with_suffix(".tmp")
-    nbformat.write(book, tmp)
-    tmp.replace(path)
+    python_notebook(path, f"import os\nVERSION = {version}",
+                    "# GET /v\nprint(VERSION, os.getppid(), end='')")
 
 
 def test_reload_forks_the_new_version_from_a_new_template(tmp_path: Path) -> None:
@@ -364,9 +368,7 @@ def test_a_reload_to_a_refused_version_keeps_the_old_one(tmp_path: Path) -> None
         book.cells[0].source += ("\nimport threading\n"
                                  "threading.Thread(target=threading.Event().wait, name='stuck',"
                                  " daemon=True).start()")
-        tmp = path.with_suffix(".tmp")
-        nbformat.write(book, tmp)
-        tmp.replace(path)
+        write_atomically(path, book)
         wait_for(lambda: server.get("/readyz").json()["notebooks"]["live"]["reload_error"],
                  timeout=60, what="the reload to be refused")
         # /readyz says so (its reason only to a client with the token); the log has it

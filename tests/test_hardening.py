@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import NOTEBOOKS, Server, wait_for
+from conftest import NOTEBOOKS, Server, python_notebook, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -265,19 +265,9 @@ def test_a_full_disk_is_a_clear_error(tmp_path: Path) -> None:
 # ----- reload loses nothing, and never happens while stopping ---------------------------------
 
 def notebook_version(path: Path, version: int) -> None:
-    import nbformat
-    nb = nbformat.v4.new_notebook()
-    nb.metadata = {"kernelspec": {"name": "python3", "display_name": "P", "language": "python"},
-                   "language_info": {"name": "python"}}
-    nb.cells = [nbformat.v4.new_code_cell(f"import json, time\nVERSION = {version}"),
-                nbformat.v4.new_code_cell("# POST /upload\nprint(VERSION, len(json.loads("
-                                          "REQUEST)['body']), end='')"),
-                nbformat.v4.new_code_cell("# GET /slow\ntime.sleep(3)\nprint('done', end='')")]
-    for i, cell in enumerate(nb.cells):
-        cell["id"] = f"c{i}"
-    tmp = path.with_suffix(".tmp")
-    nbformat.write(nb, tmp)
-    tmp.replace(path)
+    python_notebook(path, f"import json, time\nVERSION = {version}",
+                    "# POST /upload\nprint(VERSION, len(json.loads(REQUEST)['body']), end='')",
+                    "# GET /slow\ntime.sleep(3)\nprint('done', end='')")
 
 
 def test_an_upload_in_flight_survives_a_reload(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import NOTEBOOKS, Server, alive, wait_for, wait_gone
+from conftest import NOTEBOOKS, Server, alive, wait_for, wait_gone, write_atomically
 from jupyter_client.kernelspec import KernelSpecManager
 from test_resilience import metric
 
@@ -354,9 +354,7 @@ def write_notebook(path: Path, lang: Lang, version: int) -> None:
                 nbformat.v4.new_code_cell(lang.reload[1])]
     for i, cell in enumerate(nb.cells):
         cell["id"] = f"c{i}"
-    tmp = path.with_suffix(".tmp")
-    nbformat.write(nb, tmp)
-    tmp.replace(path)
+    write_atomically(path, nb)
 
 
 @pytest.mark.parametrize("lang", LANGS, ids=[lang.name for lang in LANGS])

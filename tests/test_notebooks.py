@@ -7,24 +7,13 @@ import threading
 import time
 from pathlib import Path
 
-import nbformat
 import pytest
-from conftest import EXAMPLE, NOTEBOOKS, Server, wait_for
+from conftest import EXAMPLE, NOTEBOOKS, Server, python_notebook, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
 
-def notebook(path: Path, *cells: str) -> Path:
-    nb = nbformat.v4.new_notebook()
-    nb.metadata = {"kernelspec": {"name": "python3", "display_name": "P", "language": "python"},
-                   "language_info": {"name": "python"}}
-    nb.cells = [nbformat.v4.new_code_cell(c) for c in cells]
-    for i, cell in enumerate(nb.cells):
-        cell["id"] = f"c{i}"
-    tmp = path.with_suffix(".tmp")
-    nbformat.write(nb, tmp)
-    tmp.replace(path)  # atomic, as editors and ConfigMap updates do
-    return path
+notebook = python_notebook
 
 
 def test_two_notebooks_with_separate_pools(tmp_path: Path) -> None:

@@ -102,25 +102,27 @@ def test_corpus_is_large_enough(answers: dict[str, dict[str, tuple[int, dict[str
     assert len(answers) >= 60
 
 
-def test_every_endpoint_answers_the_same_on_both_channels(
-        answers: dict[str, dict[str, tuple[int, dict[str, str], bytes]]]) -> None:
+Answers = dict[str, dict[str, tuple[int, dict[str, str], bytes]]]
+
+
+def differences(answers: Answers, mode: str) -> list[str]:
+    """Every endpoint whose answer in `mode` is not the Jupyter channel's, both shown."""
     differ = []
     for key, got in answers.items():
-        if got["direct"] != got["jupyter"]:
-            (ds, dh, db), (js, jh, jb) = got["direct"], got["jupyter"]
-            differ.append(f"{key}:\n  direct  {ds} {dh} {db[:300]!r}\n"
+        if got[mode] != got["jupyter"]:
+            (ms, mh, mb), (js, jh, jb) = got[mode], got["jupyter"]
+            differ.append(f"{key}:\n  {mode:7} {ms} {mh} {mb[:300]!r}\n"
                           f"  jupyter {js} {jh} {jb[:300]!r}")
+    return differ
+
+
+def test_every_endpoint_answers_the_same_on_both_channels(answers: Answers) -> None:
+    differ = differences(answers, "direct")
     assert not differ, f"{len(differ)} of {len(answers)} differ:\n" + "\n".join(differ)
 
 
-def test_forked_workers_answer_as_the_jupyter_channel(
-        answers: dict[str, dict[str, tuple[int, dict[str, str], bytes]]]) -> None:
-    differ = []
-    for key, got in answers.items():
-        if got["fork"] != got["jupyter"]:
-            (fs, fh, fb), (js, jh, jb) = got["fork"], got["jupyter"]
-            differ.append(f"{key}:\n  fork    {fs} {fh} {fb[:300]!r}\n"
-                          f"  jupyter {js} {jh} {jb[:300]!r}")
+def test_forked_workers_answer_as_the_jupyter_channel(answers: Answers) -> None:
+    differ = differences(answers, "fork")
     assert not differ, f"{len(differ)} of {len(answers)} differ:\n" + "\n".join(differ)
 
 
