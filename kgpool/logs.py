@@ -12,34 +12,19 @@ import logging
 import time
 
 
-class SecondsCache:
-    """logging.Formatter's default time (`2026-12-01 23:44:41,123`), its date and time
-    formatted once a second instead of once a record."""
-
-    converter = staticmethod(time.localtime)
-    default_msec_format = "%s,%03d"
-
-    def __init__(self) -> None:
-        self._second: int | None = None
-        self._text = ""
-
-    def __call__(self, record: logging.LogRecord) -> str:
-        second = int(record.created)
-        if second != self._second:
-            self._second = second
-            self._text = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(record.created))
-        return self.default_msec_format % (self._text, record.msecs)
-
-
 class Formatter(logging.Formatter):
-    """logging.Formatter with the default time format cached per second."""
+    """logging.Formatter whose default time (its default_time_format and default_msec_format,
+    `2026-12-01 23:44:41,123`) has its date and time formatted once a second, not per record."""
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self._seconds = SecondsCache()
+    _second: int | None = None
+    _text = ""
 
     def formatTime(self, record: logging.LogRecord,  # noqa: N802 (logging's name)
                    datefmt: str | None = None) -> str:
-        if datefmt is not None:
+        if datefmt is not None or self.default_msec_format is None:
             return super().formatTime(record, datefmt)
-        return self._seconds(record)
+        second = int(record.created)
+        if second != self._second:
+            self._second = second
+            self._text = time.strftime(self.default_time_format, self.converter(record.created))
+        return self.default_msec_format % (self._text, record.msecs)
