@@ -81,7 +81,9 @@ class Connection(asyncio.Protocol):
         self.phase = "head"
         self.idle_since = 0.0
         self._bytes = False  # some of the awaited head has arrived
+        self._head_since = 0.0  # loop time the awaited head began
         self._timer: asyncio.TimerHandle | None = None
+        self._on_lost: Callable[[], object] | None = None  # the request in progress's
         self._head: bytes | None = None  # refused: what came of its request so far
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -91,16 +93,14 @@ class Connection(asyncio.Protocol):
             return
         self.handler = self._owner.new_handler()
         self.handler.connection_made(transport)
-        self._arm()
+        self._await_head()
 
     def data_received(self, data: bytes) -> None:
         if self.handler is None:
             self._refused_data(data)
             return
         if self.phase == "idle":
-            self.phase = "head"
-            self._bytes = False
-            self._arm()
+            self._await_head()
         self._bytes = self._bytes or bool(data)
         self.handler.data_received(data)
 
@@ -125,24 +125,47 @@ class Connection(asyncio.Protocol):
         if self.handler is not None:
             self.handler.connection_lost(exc)
         self.transport = None
+        on_lost, self._on_lost = self._on_lost, None
+        if on_lost is not None:
+            on_lost()
 
-    def request_started(self) -> None:
+    def request_started(self, on_lost: Callable[[], object] | None = None) -> None:
+        """A request's head has arrived; `on_lost` is called if the client goes away before
+        request_ended()."""
         self.phase = "request"
-        self._disarm()
+        self._on_lost = on_lost
 
     def request_ended(self) -> None:
         self.phase = "idle"
+        self._on_lost = None
         self.idle_since = time.monotonic()
 
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
 
-    def _arm(self) -> None:
-        self._disarm()
+    def _await_head(self) -> None:
+        """The head phase begins. Its deadline is checked lazily: a timer armed once serves
+        every request that comes while it runs (none is armed and cancelled per request)."""
+        self.phase = "head"
+        self._bytes = False
         timeout = self._owner.header_timeout
         if timeout:
-            self._timer = asyncio.get_running_loop().call_later(timeout, self._head_late)
+            loop = asyncio.get_running_loop()
+            self._head_since = loop.time()
+            if self._timer is None:
+                self._timer = loop.call_at(self._head_since + timeout, self._head_check)
+
+    def _head_check(self) -> None:
+        self._timer = None
+        if self.phase != "head" or self.transport is None:
+            return  # the next head arms it again
+        due = self._head_since + self._owner.header_timeout
+        loop = asyncio.get_running_loop()
+        if loop.time() < due:
+            self._timer = loop.call_at(due, self._head_check)
+            return
+        self._head_late()
 
     def _disarm(self) -> None:
         if self._timer is not None:
@@ -188,9 +211,7 @@ class Connection(asyncio.Protocol):
         self._timer = asyncio.get_running_loop().call_later(REFUSED_LINGER, self.close)
 
     def _head_late(self) -> None:
-        self._timer = None
-        if self.phase != "head" or self.transport is None:
-            return
+        assert self.transport is not None
         self._owner.closed("header_timeout")
         if self._bytes:  # a client that started a request learns why it ends
             self.transport.write(raw_error(
@@ -201,7 +222,7 @@ class Connection(asyncio.Protocol):
 
 class Connections:
     """Every open client connection and the policy over them; `listen` opens the socket, the
-    `middleware` (outermost) tells a connection when its request starts and ends."""
+    front door tells a connection when its request starts and ends (`of`)."""
 
     def __init__(self, max_connections: int, header_timeout: float, metrics: Metrics,
                  is_liveness: Callable[[str], bool] = lambda path: False) -> None:
@@ -255,8 +276,7 @@ class Connections:
         return True
 
     def _make_room(self) -> bool:
-        """Close the keep-alive connection idle the longest (none is mid-answer: see the
-        middleware)."""
+        """Close the keep-alive connection idle the longest (none is mid-answer: see `of`)."""
         idle = [c for c in self._open if c.phase == "idle"]
         for conn in sorted(idle, key=lambda c: c.idle_since)[:1]:
                 self.closed("idle")
@@ -302,22 +322,8 @@ class Connections:
 
     # ----- requests -------------------------------------------------------------------
 
-    @web.middleware
-    async def middleware(self, request: web.Request,
-                         handler: Any) -> web.StreamResponse:
-        """Marks the connection busy for the request and idle only once the answer is written
-        (so that making room never cuts an answer off)."""
-        conn = self._by_transport.get(request.transport)
-        if conn is None:  # served by another site (tests' aiohttp client)
-            return await handler(request)
-        conn.request_started()
-        try:
-            response: web.StreamResponse = await handler(request)
-            try:
-                await response.prepare(request)
-                await response.write_eof()
-            except ConnectionError:
-                pass  # the client left; aiohttp notices it too
-            return response
-        finally:
-            conn.request_ended()
+    def of(self, request: web.Request) -> Connection | None:
+        """The connection a request came on; None for one served by another site (the tests'
+        aiohttp client). The front door (kgpool/middleware.py) marks it busy from the start of
+        the request until its answer is written, so that making room never cuts one off."""
+        return self._by_transport.get(request.transport)

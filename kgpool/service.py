@@ -120,6 +120,10 @@ class CallInfo:
     kernel_pid: int | None = None
     batch: str | None = None  # the id of the batch it ran in
     request_id: str = ""  # X-Request-ID, the client's or kgpool's
+    # False once the caller's own task holds a kernel: from then on nothing may cancel it for
+    # its client leaving (the web layer asks), so that the cell finishes within the deadline
+    # and the kernel goes back to the pool clean
+    cancellable: bool = True
 
 
 @dataclass(frozen=True)
@@ -506,7 +510,7 @@ class NotebookService:
                                                            index, ep, document)
             return build_reply(result, response, self.settings.max_response_size,
                                version.language.error, ep.names)
-        return await self._leased(key, deadline, info, work)
+        return await self._leased(key, deadline, info, work, in_callers_task=True)
 
     async def _document(self, endpoint: Endpoint, request: RequestData, info: CallInfo) -> str:
         """The REQUEST document (off the event loop if it is large); a body that is not what
@@ -518,22 +522,21 @@ class NotebookService:
         return document
 
     async def _leased(self, key: Key, deadline: float | None, info: CallInfo,
-                      work: Work[T]) -> T:
+                      work: Work[T], *, in_callers_task: bool = False) -> T:
         """work(lease, its version) with a kernel leased until the deadline. Nothing between
-        the lease and the task can fail: the task owns the kernel and gives it back. A client
-        that goes away no longer cancels it: the cell finishes (within the deadline) and the
-        kernel returns to the pool clean."""
+        the lease and the work can fail: _owned gives the kernel back. `in_callers_task`:
+        the caller is the request's own task (not a batch's or a stream's producer), which
+        info.cancellable then marks as holding a kernel."""
         loop = asyncio.get_running_loop()
         queued = loop.time()
         try:
             lease = await self.pool.acquire(deadline, self._accepts(key))
         finally:
             info.queue_wait = loop.time() - queued
-        run = asyncio.create_task(self._owned(lease, key, deadline, work))
-        self._runs.add(run)
-        run.add_done_callback(self._run_done)
+        if in_callers_task:
+            info.cancellable = False
         info.slot, info.kernel_pid = lease.slot, lease.kernel.pid
-        return await asyncio.shield(run)
+        return await self._owned(lease, key, deadline, work)
 
     def _run_done(self, run: asyncio.Task[Any]) -> None:
         self._runs.discard(run)

@@ -40,10 +40,10 @@ from .middleware import (
     NOTEBOOK,
     ROUTE,
     STATIC_PREFIX,
+    FrontDoor,
     Handler,
     Locator,
     error_response,
-    middlewares,
 )
 from .mounts import Mount, Mounts, mount_specs
 from .notebook import Notebook
@@ -363,12 +363,12 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     locate = Locator(settings, mounts)
     connections = Connections(settings.max_connections, settings.header_timeout, metrics,
                               lambda path: locate.op_at(path) == "/healthz")
-    app = web.Application(middlewares=[connections.middleware,
-                                       *middlewares(settings, metrics, mounts)],
-                          client_max_size=settings.max_body_size)
+    app = web.Application(client_max_size=settings.max_body_size)  # no middlewares: FrontDoor
     app[MOUNTS] = mounts
     app[CONNECTIONS] = connections
-    app.router.add_route("*", "/{tail:.*}", Site(settings, mounts, registry).handle)
+    front = FrontDoor(settings, metrics, mounts, connections,
+                      Site(settings, mounts, registry).handle)
+    app.router.add_route("*", "/{tail:.*}", front.handle)
 
     async def pools(app: web.Application) -> Any:
         mounts.begin()
@@ -386,7 +386,8 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
 
 def create_runner(app: web.Application, settings: Settings) -> web.AppRunner:
     """The runner every kgpool server uses (`serve`, `call`, kgpool.testing): kgpool installs
-    its own signal handlers and access log, and listens through `Connections`."""
+    its own signal handlers and access log, listens through `Connections`, and cancels a
+    request whose client left itself (FrontDoor: not while it holds a kernel)."""
     return web.AppRunner(app, handle_signals=False, access_log=None,
-                         handler_cancellation=True, shutdown_timeout=2.0,
+                         handler_cancellation=False, shutdown_timeout=2.0,
                          keepalive_timeout=settings.keepalive_timeout, lingering_time=LINGER)
