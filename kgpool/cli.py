@@ -26,7 +26,7 @@ from .config import HIDDEN_ENV, LOG_LEVELS, Settings
 from .connections import ensure_descriptors
 from .errors import ConfigError, KgpoolError, NotebookError
 from .kgcompat import Translation, fetch_seed, is_kernel_gateway_argv, translate
-from .logs import Formatter
+from .logs import Formatter, LineHandler
 from .mounts import MountSpec, clashes, mount_specs
 from .notebook import load_notebook
 from .routes import Router
@@ -186,7 +186,7 @@ class JsonFormatter(Formatter):
 
 
 def configure_logging(fmt: str, level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = LineHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else Formatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()

@@ -94,8 +94,9 @@ class Metrics:
         self.queue_wait = Histogram("kgpool_queue_wait_seconds",
                                     "Time a request waited for a kernel.", ["notebook"],
                                     buckets=latency, registry=registry)
-        self.in_flight = Gauge("kgpool_requests_in_flight",
-                               "Requests being handled, queued or running.", registry=registry)
+        self.in_flight = 0  # counted by the front door; read at scrape time (no lock per request)
+        Gauge("kgpool_requests_in_flight", "Requests being handled, queued or running.",
+              registry=registry).set_function(lambda: self.in_flight)
         self.rejected = Counter("kgpool_requests_rejected", "Requests refused without running.",
                                 ["notebook", "reason"], registry=registry)
         self.restarts = Counter("kgpool_kernel_restarts", "Kernels replaced, by reason.",

@@ -18,6 +18,7 @@ from aiohttp import web
 from .config import Settings
 from .connections import Connection, Connections
 from .cookies import BrowserCookie, navigation, trusted_use, without_token
+from .logs import RecordMaker
 from .metrics import Metrics
 from .mounts import Mounts
 from .service import CallInfo
@@ -112,16 +113,17 @@ def _given_id(value: str) -> bool:
     return 0 < len(value) <= 128 and value.isascii() and value.isprintable()
 
 
+_access_record = RecordMaker(access_log, __file__)
+
+
 def log_access(request: web.Request, level: int, status: int, elapsed: float, route: str,
                info: CallInfo, remote: str) -> None:
     """The access log's line for one request, every field also as a record attribute."""
     method, request_id = request.method, info.request_id
-    record = access_log.makeRecord(
-        access_log.name, level, __file__, 0,
-        "%s %s %d %.1fms route=%s queue=%.1fms slot=%s remote=%s id=%s%s",
+    record = _access_record(
+        level, "%s %s %d %.1fms route=%s queue=%.1fms slot=%s remote=%s id=%s%s",
         (method, request.path, status, elapsed * 1000, route, info.queue_wait * 1000,
          info.slot, remote, request_id, f" batch={info.batch}" if info.batch else ""),
-        None, "access",
         {"request_id": request_id, "method": method, "route": route,
          "notebook": request.get(NOTEBOOK, ""), "remote": remote, "status": status,
          "duration_ms": round(elapsed * 1000, 3),
@@ -323,7 +325,7 @@ class FrontDoor:
         metrics = self._metrics
         op = self._locate(request).op
         if op is None:
-            metrics.in_flight.inc()
+            metrics.in_flight += 1
         status = 500
         try:
             response = await self._answer(request, conn)
@@ -340,7 +342,7 @@ class FrontDoor:
             elapsed = time.monotonic() - started
             route = op or request.get(ROUTE, "unmatched")
             if op is None:
-                metrics.in_flight.dec()
+                metrics.in_flight -= 1
                 metrics.answered(request.get(NOTEBOOK, ""), route, request.method, status,
                                  elapsed)
             level = logging.DEBUG if op else logging.INFO  # probes and scrapes would drown it
