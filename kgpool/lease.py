@@ -38,6 +38,44 @@ class _Quiet:
     def pool_resized(self, direction: str, reason: str) -> None: pass
 
 
+class Watchdog:
+    """The deadline of the request a kernel runs: past it, the request's task is cancelled
+    (as asyncio.timeout would). One timer outlives the requests: armed for the first deadline,
+    it is moved on, when it fires early, to the deadline of the request running then, so a
+    request that ends in time costs no timer of its own."""
+
+    __slots__ = ("_task", "_deadline", "_handle", "expired")
+
+    def __init__(self) -> None:
+        self._task: asyncio.Task[object] | None = None
+        self._deadline = 0.0
+        self._handle: asyncio.TimerHandle | None = None
+        self.expired = False  # it cancelled the task watched last
+
+    def watch(self, task: asyncio.Task[object], deadline: float) -> None:
+        self._task, self._deadline, self.expired = task, deadline, False
+        handle = self._handle
+        if handle is None or handle.when() > deadline:
+            if handle is not None:
+                handle.cancel()
+            self._handle = asyncio.get_running_loop().call_at(deadline, self._check)
+
+    def stop(self) -> None:
+        self._task, self.expired = None, False
+
+    def _check(self) -> None:
+        self._handle = None
+        task = self._task
+        if task is None:
+            return  # nothing running: the next watch() arms it again
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._deadline:
+            self._handle = loop.call_at(self._deadline, self._check)
+            return
+        self.expired = True
+        task.cancel()
+
+
 @dataclass(eq=False)
 class Lease:
     """A kernel of the pool; lent to one request at a time (pool.release gives it back)."""
@@ -53,6 +91,7 @@ class Lease:
     stopped: bool = False
     gone: asyncio.Event = field(default_factory=asyncio.Event)  # set once it is stopped
     idle_since: float = 0.0
+    deadline: Watchdog = field(default_factory=Watchdog)  # of the request it runs
 
 
 @dataclass(eq=False)

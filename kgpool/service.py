@@ -548,25 +548,36 @@ class NotebookService:
         outcome = "ok"
         started = time.monotonic()
         version = self._versions[lease.version]  # its kernel's version of the endpoint
+        task = asyncio.current_task()
+        assert task is not None
+        cancelling = task.cancelling()
+        if deadline is not None:
+            lease.deadline.watch(task, deadline)
         try:
-            async with asyncio.timeout_at(deadline):
-                return await work(lease, version)
-        except TimeoutError:
-            outcome = "timeout"
-            raise ExecutionTimeout(
-                f"the request ran past its {self.settings.timeout:g}s deadline") from None
+            result = await work(lease, version)
+            if lease.deadline.expired:  # work swallowed the cancellation: undo it
+                task.uncancel()
+            return result
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            if isinstance(exc, TimeoutError) or (
+                    lease.deadline.expired and task.uncancel() <= cancelling):
+                outcome = "timeout"
+                raise ExecutionTimeout(f"the request ran past its "
+                                       f"{self.settings.timeout:g}s deadline") from None
+            outcome = "cancelled"  # its state is unknown: replaced
+            raise
         except KernelDied:
             outcome = "crash"
             raise
         except (ExecutionError, ResponseInfoError, ResponseTooLarge, BatchError):
             raise  # the cell failed, the kernel is fine
-        except BaseException as exc:
+        except BaseException:
             outcome = "cancelled"  # its state is unknown: replaced
-            if not isinstance(exc, asyncio.CancelledError):
-                log.error("%s: the request failed inside kgpool", lease.kernel.label,
-                          exc_info=True)
+            log.error("%s: the request failed inside kgpool", lease.kernel.label,
+                      exc_info=True)
             raise
         finally:
+            lease.deadline.stop()
             self.pool.release(lease, outcome)
             self.metrics.executed(key[1], time.monotonic() - started)
 

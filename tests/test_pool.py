@@ -488,3 +488,52 @@ async def test_a_warm_up_that_just_finished_is_not_counted_as_starting() -> None
     assert await first_request() == 0
     await start
     await pool.close()
+
+
+# ----- the per-kernel deadline (lease.Watchdog) ---------------------------------------------
+
+async def _watched(watchdog: Any, deadline: float) -> float:
+    """Runs until the watchdog cancels it; returns the loop time it was cancelled at."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    watchdog.watch(task, deadline)
+    try:
+        await loop.create_future()  # never done: only the watchdog ends this
+    except asyncio.CancelledError:
+        assert watchdog.expired
+        task.uncancel()
+        return loop.time()
+    finally:
+        watchdog.stop()
+    raise AssertionError("not cancelled")
+
+
+async def test_the_watchdog_cancels_a_request_past_its_deadline_and_no_earlier() -> None:
+    from kgpool.lease import Watchdog
+    loop = asyncio.get_running_loop()
+    dog = Watchdog()
+    first = loop.time() + 0.05
+    assert await _watched(dog, first) >= first
+    assert not dog.expired  # stop() forgets it
+
+
+async def test_one_watchdog_timer_serves_requests_that_end_in_time() -> None:
+    from kgpool.lease import Watchdog
+    loop = asyncio.get_running_loop()
+    dog = Watchdog()
+    task = asyncio.current_task()
+    assert task is not None
+    early = loop.time() + 0.1
+    dog.watch(task, early)  # a request that ends in time: its timer stays armed
+    dog.stop()
+    armed = dog._handle
+    later = loop.time() + 0.3
+    # the next request's deadline is later: the timer fires at `early`, finds it running and
+    # moves on to its deadline instead of cancelling it
+    assert await _watched(dog, later) >= later
+    assert armed is not None and armed.when() == early
+    sooner = loop.time() + 0.05
+    dog.watch(task, loop.time() + 5)
+    dog.stop()
+    assert await _watched(dog, sooner) < loop.time() + 5  # an earlier deadline re-arms it
