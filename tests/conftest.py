@@ -61,12 +61,15 @@ def parent(pid: int) -> int | None:
 
 
 def serving_kernels(pid: int) -> list[int]:
-    """The kernels that serve requests: every kernel, or with --fork the workers (the children
-    of the templates, which are pid's own children)."""
+    """The kernels that serve requests: pid's own kernel children, or with --fork the workers
+    (the children of the templates, which are pid's own children). Not a kernel's own child:
+    between vfork and exec (debugpy runs `uname -p` as ipykernel starts) it has the kernel's
+    command line and environment, and it would count as one more kernel."""
     kernels = kernel_children(pid)
+    own = [k for k in kernels if parent(k) == pid]
     if not FORK:
-        return kernels
-    templates = {k for k in kernels if parent(k) == pid}
+        return own
+    templates = set(own)
     return [k for k in kernels if parent(k) in templates]
 
 

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLE, NOTEBOOKS, Server, python_notebook, wait_for
+from conftest import (
+    EXAMPLE,
+    FORK,
+    NOTEBOOKS,
+    Server,
+    kernel_children,
+    parent,
+    python_notebook,
+    serving_kernels,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -126,6 +141,33 @@ def test_reload_under_load_drops_nothing(tmp_path: Path) -> None:
         assert set(versions) == {"1", "2"}
         assert max(counts) <= 3  # rolling: at most one kernel more than the pool's two
         assert server.get("/readyz").json()["notebooks"]["live"]["reload_error"] is None
+
+
+def test_kernel_counts_leave_out_a_kernels_own_children() -> None:
+    """What made the roll above seem to run four kernels: a kernel's child between vfork and
+    exec looks like a kernel. Here a stand-in kernel (an ipykernel command line with
+    JPY_PARENT_PID set) keeps such a child alive."""
+    code = ("import subprocess, sys; subprocess.run([sys.executable, '-c', "
+            "'import time; time.sleep(60)', 'ipykernel'])")
+    env = {**os.environ, "JPY_PARENT_PID": str(os.getpid())}
+    fake = subprocess.Popen([sys.executable, "-c", code, "ipykernel"], env=env,
+                            stdin=subprocess.DEVNULL)
+    children: list[int] = []
+    try:
+        def child_started() -> bool:
+            children[:] = [k for k in kernel_children(os.getpid()) if parent(k) == fake.pid]
+            return bool(children)
+        wait_for(child_started, what="the stand-in kernel's child")
+        counted = serving_kernels(os.getpid())
+        if FORK:  # the stand-in is a template there: its child counts as its worker
+            assert fake.pid not in counted and children[0] in counted
+        else:
+            assert fake.pid in counted and children[0] not in counted
+    finally:
+        for pid in [*children, fake.pid]:  # only what this test started
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        fake.wait(10)
 
 
 def test_broken_new_version_is_refused_and_old_keeps_serving(tmp_path: Path) -> None:
