@@ -148,6 +148,33 @@ def test_a_trickling_head_is_cut_off_too(headers_1s: Server) -> None:
     assert error["error"] == "header_timeout"
 
 
+def test_the_next_head_on_a_keepalive_connection_has_its_deadline_too(
+        headers_1s: Server) -> None:
+    """One timer serves a connection's heads: armed for the first, it must still cut off a
+    later one that trickles (and not before that head's own second is up)."""
+    conn = http.client.HTTPConnection("127.0.0.1", headers_1s.port, timeout=30)
+    conn.request("GET", "/echo")
+    assert conn.getresponse().read()
+    sock = conn.sock
+    OPENED.append(sock)
+    # idle for half the deadline (keep-alive's business), so that the timer armed for the
+    # first head comes due while the second one is only half its deadline old
+    assert not select.select([sock], [], [], 0.5)[0], "the idle connection was closed"
+    sock.sendall(b"GET /echo HTTP/1.1\r\n")
+    began = time.monotonic()
+    closed = False
+    for _ in range(200):
+        if select.select([sock], [], [], 0.1)[0]:
+            closed = True
+            break
+        sock.sendall(b"X")
+    assert closed, "the second head was never cut off"
+    assert time.monotonic() - began >= 0.9  # its own deadline, not the first head's
+    rest = read_until_closed(sock)
+    error = json_error(rest[rest.index(b"HTTP/1.1 408"):], 408)
+    assert error["error"] == "header_timeout"
+
+
 def test_the_head_deadline_spares_slow_requests_and_idle_keepalive(headers_1s: Server) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", headers_1s.port, timeout=30)
     try:
