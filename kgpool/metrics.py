@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
+import math
 import platform
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import (
@@ -15,10 +17,16 @@ from prometheus_client import (
     Histogram,
     ProcessCollector,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from . import __version__
 from .pool import PoolStatus
@@ -39,6 +47,87 @@ StatusSource = Callable[[], Mapping[str, list[PoolStatus]]]
 
 def _with(buckets: tuple[float, ...], *extra: float | None) -> tuple[float, ...]:
     return tuple(sorted(set(buckets) | {x for x in extra if x}))
+
+
+class _Count:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class _Observed:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0.0] * len(bounds)  # per bucket, not cumulative
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, amount)] += 1  # the first bound >= it
+        self.sum += amount
+
+
+class LoopCounter(Collector):
+    """A labelled counter for the request path, counted on the event loop in plain floats:
+    prometheus_client's Counter takes a lock for every increment. Exposed as that Counter
+    would be (without `_created`, which `kgpool serve` turns off anyway); scraped on the
+    loop too (the /metrics handler)."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
+                 registry: CollectorRegistry) -> None:
+        self._name, self._doc, self._labelnames = name, documentation, tuple(labelnames)
+        self._series: dict[tuple[str, ...], _Count] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> _Count:
+        child = self._series.get(values)
+        if child is None:
+            child = self._series[values] = _Count()
+        return child
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self._name, self._doc, labels=self._labelnames)
+        for values, child in list(self._series.items()):
+            family.add_metric(values, child.value)
+        yield family
+
+
+class LoopHistogram(Collector):
+    """A labelled histogram for the request path, observed on the event loop without the
+    two locks and the bucket loop of prometheus_client's Histogram; exposed as it would be
+    (`le` spelled by prometheus_client's own floatToGoString, +Inf last)."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
+                 buckets: Sequence[float], registry: CollectorRegistry) -> None:
+        bounds = sorted(float(b) for b in buckets)
+        if not bounds or bounds[-1] != math.inf:
+            bounds.append(math.inf)
+        self._name, self._doc, self._labelnames = name, documentation, tuple(labelnames)
+        self._bounds = tuple(bounds)
+        self._les = [floatToGoString(b) for b in bounds]
+        self._series: dict[tuple[str, ...], _Observed] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> _Observed:
+        child = self._series.get(values)
+        if child is None:
+            child = self._series[values] = _Observed(self._bounds)
+        return child
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self._name, self._doc, labels=self._labelnames)
+        for values, child in list(self._series.items()):
+            total, buckets = 0.0, []
+            for le, count in zip(self._les, child.counts, strict=True):
+                total += count
+                buckets.append((le, total))
+            family.add_metric(values, buckets, child.sum)
+        yield family
 
 
 class _PoolCollector(Collector):
@@ -82,18 +171,18 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry, *, timeout: float | None = None) -> None:
         latency = _with(_LATENCY, timeout)
-        self.requests = Counter("kgpool_http_requests", "HTTP requests answered.",
-                                ["notebook", "route", "method", "code"], registry=registry)
-        self.duration = Histogram("kgpool_http_request_duration_seconds",
-                                  "Time from request to response, queue wait included.",
-                                  ["notebook", "route", "method"], buckets=latency,
-                                  registry=registry)
-        self.execution = Histogram("kgpool_execution_duration_seconds",
-                                   "Time a kernel spent on a request's code.",
-                                   ["notebook", "route"], buckets=latency, registry=registry)
-        self.queue_wait = Histogram("kgpool_queue_wait_seconds",
-                                    "Time a request waited for a kernel.", ["notebook"],
-                                    buckets=latency, registry=registry)
+        # the four series every request touches: counted without a lock per call
+        self.requests = LoopCounter("kgpool_http_requests", "HTTP requests answered.",
+                                    ["notebook", "route", "method", "code"], registry)
+        self.duration = LoopHistogram("kgpool_http_request_duration_seconds",
+                                      "Time from request to response, queue wait included.",
+                                      ["notebook", "route", "method"], latency, registry)
+        self.execution = LoopHistogram("kgpool_execution_duration_seconds",
+                                       "Time a kernel spent on a request's code.",
+                                       ["notebook", "route"], latency, registry)
+        self.queue_wait = LoopHistogram("kgpool_queue_wait_seconds",
+                                        "Time a request waited for a kernel.", ["notebook"],
+                                        latency, registry)
         self.in_flight = 0  # counted by the front door; read at scrape time (no lock per request)
         Gauge("kgpool_requests_in_flight", "Requests being handled, queued or running.",
               registry=registry).set_function(lambda: self.in_flight)
