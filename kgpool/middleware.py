@@ -204,6 +204,9 @@ class Cors:
         self._base = {"Access-Control-Expose-Headers": settings.expose_headers}
         if settings.allow_credentials:
             self._base["Access-Control-Allow-Credentials"] = "true"
+        self._preflight = {"Access-Control-Allow-Methods": settings.allow_methods.upper(),
+                           "Access-Control-Allow-Headers": settings.allow_headers,
+                           "Access-Control-Max-Age": str(settings.max_age)}
 
     def allowed(self, origin: str) -> bool:
         return self.allow_all or origin in self.origins
@@ -221,11 +224,7 @@ class Cors:
             return error_response(403, "cors_refused", f"origin {origin} may not call this "
                                   "server")
         # Allowed even for an unknown path: the page then gets to read the real 404.
-        settings = self._settings
-        return web.Response(status=204, headers={
-            **self.headers_for(origin), "Access-Control-Allow-Methods":
-            settings.allow_methods.upper(), "Access-Control-Allow-Headers":
-            settings.allow_headers, "Access-Control-Max-Age": str(settings.max_age)})
+        return web.Response(status=204, headers={**self.headers_for(origin), **self._preflight})
 
 
 class BodyDeadline:
@@ -284,8 +283,8 @@ class FrontDoor:
     clean and the request is logged as 499 (aiohttp's own handler cancellation is off)."""
 
     def __init__(self, settings: Settings, metrics: Metrics, mounts: Mounts,
-                 connections: Connections, handler: Handler) -> None:
-        self._locate = Locator(settings, mounts)
+                 connections: Connections, locate: Locator, handler: Handler) -> None:
+        self._locate = locate
         self._metrics = metrics
         self._connections = connections
         self._handler = handler

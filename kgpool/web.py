@@ -366,7 +366,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     app = web.Application(client_max_size=settings.max_body_size)  # no middlewares: FrontDoor
     app[MOUNTS] = mounts
     app[CONNECTIONS] = connections
-    front = FrontDoor(settings, metrics, mounts, connections,
+    front = FrontDoor(settings, metrics, mounts, connections, locate,
                       Site(settings, mounts, registry).handle)
     app.router.add_route("*", "/{tail:.*}", front.handle)
 
